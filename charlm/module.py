@@ -1,0 +1,226 @@
+"""CharLM: the LightningModule that trains any model of the one interface on next-character prediction.
+
+Nothing in this file knows which architecture it trains: it sees `logits, state = model(idx, state)`.
+A model may add `aux_losses(idx, targets) -> {name: loss}` (the bidirectional LM's backward
+direction does); they are added to the training loss and logged under their names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch.utils._pytree import tree_map
+
+from charlm.vocab import CharVocab
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient."""
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.1):
+    """Linear warmup then cosine decay to `min_lr_ratio * lr`, from torch's own schedulers."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+    base_lr = optimizer.param_groups[0]["lr"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=base_lr * min_lr_ratio)
+    if warmup_steps == 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+def _detach(state):
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, state)
+
+
+class CharLM(L.LightningModule):
+    """Next-character cross-entropy, clipping with statistics, full val passes, samples at each validation.
+
+    All arguments are plain data (they are saved in the checkpoint and rebuild the model with
+    `CharLM.load_from_checkpoint(path)`, which needs no data folder).
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        vocab: dict,
+        model_name: str = "model",
+        optim: dict | None = None,
+        scheduler: dict | None = None,
+        clip: dict | None = None,
+        carry_state: bool = False,
+        sample: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # one path for random windows and truncated BPTT streams
+        self.vocab = CharVocab.from_dict(vocab)
+        self.model = instantiate(model, vocab_size=len(self.vocab), _convert_="all")
+        self.clip = {"algorithm": "norm", "value": 1.0, **(clip or {})}
+        self.carry_state = carry_state
+        self._state = None  # carried across batches in stream mode
+        self._bad_step = None
+        self.register_buffer("clip_count", torch.zeros((), dtype=torch.long), persistent=True)
+        self.samples: list[list] = []
+
+    def forward(self, idx, state=None):
+        return self.model(idx, state)
+
+    # ---- training -------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def _loss(self, logits, y):
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # (B*T, V) vs (B*T,)
+
+    def training_step(self, batch, batch_idx):
+        x, y, *rest = batch
+        state = None
+        if self.carry_state and not (rest and bool(rest[0])):
+            state = self._state
+        logits, state = self.model(x, state)
+        loss = self._loss(logits, y)
+        total = loss
+        aux_losses = getattr(self.model, "aux_losses", None)
+        aux = aux_losses(x, y) if aux_losses is not None else {}
+        for v in aux.values():
+            total = total + v
+        self._flag_nonfinite(loss)
+
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        opt.step()  # clipping and its statistics happen in on_before_optimizer_step
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        if self.carry_state:
+            self._state = _detach(state)  # truncated BPTT: gradient stops at the chunk boundary
+
+        self.log("train/loss", loss, prog_bar=True)
+        for name, v in aux.items():
+            self.log(f"train/{name}", v)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip (grads are already unscaled here under AMP) and log the pre-clip global norm."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        value = float(self.clip["value"] or 0.0)
+        if self.clip["algorithm"] == "value":
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if value > 0:
+                torch.nn.utils.clip_grad_value_(params, value)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, value if value > 0 else math.inf)
+        clipped = (norm > value) if value > 0 else torch.zeros((), dtype=torch.bool, device=norm.device)
+        self.clip_count += clipped.long()
+        if not self._uses_grad_scaler():
+            self._flag_nonfinite(norm)
+        step = self.trainer.global_step + 1
+        self.log("train/grad_norm", norm)
+        self.log("train/clipped", clipped.float())
+        self.log("train/clip_frac", self.clip_count.float() / step)
+
+    def _uses_grad_scaler(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def _flag_nonfinite(self, value: torch.Tensor) -> None:
+        """Record (without a host sync) the first step whose loss or gradient was not finite."""
+        if self._bad_step is None:
+            return
+        bad = ~torch.isfinite(value.detach()) & (self._bad_step < 0)
+        self._bad_step = torch.where(bad, torch.full_like(self._bad_step, self.trainer.global_step), self._bad_step)
+
+    def check_finite(self) -> None:
+        """Stop with a clear message if a non-finite loss or gradient was seen (one host sync)."""
+        if self._bad_step is not None and (s := int(self._bad_step)) >= 0:
+            raise DivergenceError(
+                f"non-finite loss or gradient at step {s}: training stopped before saving "
+                "(the last good checkpoint is untouched); lower optim.lr or tighten clip.value"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = 1 if self.device.type == "cpu" else self.trainer.log_every_n_steps
+        if (self.trainer.global_step % every) == 0:
+            self.check_finite()
+
+    # ---- validation -----------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite()  # never validate (and so checkpoint) diverged weights
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._aux_sums: dict[str, torch.Tensor] = {}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits, _ = self.model(x)
+        self._val_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        self._val_count += y.numel()
+        aux_losses = getattr(self.model, "aux_losses", None)
+        if aux_losses is not None:
+            for name, v in aux_losses(x, y).items():
+                self._aux_sums[name] = self._aux_sums.get(name, 0) + v.double() * y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        loss = (total / count).float()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/bpc", loss / math.log(2), sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        for name, s in self._aux_sums.items():
+            v = (self.trainer.strategy.reduce(s, reduce_op="sum") / count).float()
+            self.log(f"val/{name}", v, sync_dist=False)
+            self.log(f"val/{name.replace('loss', 'bpc')}", v / math.log(2), sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self._log_sample()
+
+    def _log_sample(self) -> None:
+        """Generate a short sample and log it (a growing W&B table when W&B is the logger)."""
+        from charlm.sample import generate
+
+        cfg = {"prompt": "\n", "n_chars": 200, "temperature": 0.8, **(self.hparams.sample or {})}
+        if cfg["n_chars"] <= 0 or self.trainer.global_rank != 0:
+            return
+        g = torch.Generator(device="cpu").manual_seed(0)
+        text = generate(self.model, self.vocab, cfg["prompt"], cfg["n_chars"], cfg["temperature"], generator=g)[0]
+        self.samples.append([self.trainer.global_step, text])
+        for logger in self.loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text(key="samples", columns=["step", "text"], data=self.samples)
+
+    # ---- optimizer ------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optim = dict(self.hparams.optim or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3})
+        wd = optim.pop("weight_decay", 0.0)
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = instantiate(optim, _convert_="all")(groups)
+        if not self.hparams.scheduler:
+            return optimizer
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
+        scheduler = instantiate(dict(self.hparams.scheduler), _convert_="all")(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoint -----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep checkpoints loadable into an uncompiled model: strip torch.compile's prefix."""
+        sd = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+        if self.carry_state and self._state is not None:
+            checkpoint["carried_state"] = self._state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.carry_state and "carried_state" in checkpoint:
+            self._state = checkpoint["carried_state"]

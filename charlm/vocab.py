@@ -1,0 +1,82 @@
+"""CharVocab: Unicode code points <-> ids. Stored as plain data inside every checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+
+UNKNOWN_POLICIES = ("error", "skip")
+
+
+class UnknownCharError(ValueError):
+    """Text holds characters that the vocabulary does not know."""
+
+
+def _codepoints(text: str) -> np.ndarray:
+    """All code points of `text` as a uint32 array, without a Python loop."""
+    return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
+
+
+class CharVocab:
+    """The sorted set of characters a model knows; id i is the i-th character."""
+
+    def __init__(self, chars: list[str] | str):
+        chars = sorted(set(chars))
+        if not chars:
+            raise ValueError("vocabulary is empty: the corpus has no characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self._points = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted, for searchsorted
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharVocab":
+        """The vocabulary of every distinct character in `text`."""
+        return cls([chr(p) for p in np.unique(_codepoints(text))])
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CharVocab) and self.chars == other.chars
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        """The smallest unsigned dtype that holds every id."""
+        n = len(self)
+        return np.dtype(np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.int32)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """Distinct characters of `text` outside the vocabulary, in sorted order."""
+        points = np.unique(_codepoints(text))
+        missing = points[~np.isin(points, self._points)]
+        return [chr(p) for p in missing]
+
+    def encode_array(self, text: str, unknown: str = "error") -> np.ndarray:
+        """Map characters to ids as a compact array; characters outside the vocabulary follow `unknown`."""
+        if unknown not in UNKNOWN_POLICIES:
+            raise ValueError(f"unknown={unknown!r}: must be one of {UNKNOWN_POLICIES}")
+        points = _codepoints(text)
+        pos = np.searchsorted(self._points, points)
+        pos_clipped = np.minimum(pos, len(self._points) - 1)
+        known = self._points[pos_clipped] == points
+        if not known.all():
+            if unknown == "error":
+                bad = "".join(self.unknown_chars(text))
+                raise UnknownCharError(f"characters not in the vocabulary: {bad!r}")
+            pos_clipped = pos_clipped[known]
+        return pos_clipped.astype(self.id_dtype)
+
+    def encode(self, text: str, unknown: str = "error") -> list[int]:
+        """Map characters to ids; characters outside the vocabulary follow `unknown`."""
+        return self.encode_array(text, unknown).tolist()
+
+    def decode(self, ids) -> str:
+        """Map ids back to text."""
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_dict(self) -> dict:
+        """Plain data for a checkpoint (loads with `weights_only=True`)."""
+        return {"chars": "".join(self.chars)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CharVocab":
+        return cls(list(d["chars"]))
