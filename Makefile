@@ -1,0 +1,44 @@
+# The README's commands. Each one creates .venv and installs charlm into it if that was not done yet.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install train sample test test-all bench report sweep lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[dev,sweep]'
+	touch $(STAMP)
+
+train: $(STAMP)            ## train the default LSTM on the embedded tiny shakespeare (make train ARGS="model=gru")
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m charlm.train $(ARGS)
+
+sample: $(STAMP)           ## make sample CKPT=outputs/.../checkpoints/best.ckpt ARGS="prompt=ROMEO:"
+	$(PY) -m charlm.sample ckpt_path=$(CKPT) $(ARGS)
+
+test: $(STAMP)             ## the fast test suite (CI runs this)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(ARGS)
+
+test-all: $(STAMP)         ## every test, slow ones included (gpu ones skip without a GPU)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m "" $(ARGS)
+
+bench: $(STAMP)            ## throughput and sampling speed vs a bare PyTorch loop, on this machine
+	$(PY) scripts/bench.py $(ARGS)
+
+report: $(STAMP)           ## gradient-flow, clipping and memory-span figures into reports/
+	$(PY) -m charlm.report $(ARGS)
+
+sweep: $(STAMP)            ## Optuna search: make sweep ARGS="hparams_search=lstm_lr"
+	$(PY) -m charlm.sweep $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check charlm tests scripts
+
+clean:
+	rm -rf outputs multirun reports/*.tmp .pytest_cache

@@ -1,0 +1,51 @@
+"""Shared test helpers: run the real CLIs in a subprocess, and one tiny trained run per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["WANDB_MODE"] = "disabled"
+
+# Overrides that make any training run take seconds on a CPU.
+TINY = [
+    "trainer=cpu", "logger=none", "trainer.max_steps=12", "trainer.val_check_interval=6",
+    "data.batch_size=8", "data.block_size=16", "data.eval_batch_size=512",
+    "model.hidden_dim=32", "model.embed_dim=16", "sample.n_chars=20",
+]
+
+
+def run_cli(module: str, *args: str, check: bool = True, timeout: float = 300, env: dict | None = None):
+    """Run `python -m module args...` and return the CompletedProcess (text mode)."""
+    e = dict(os.environ, **(env or {}))
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny LSTM trained through the real CLI; tests read what it wrote."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run_cli("charlm.train", *TINY, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
