@@ -229,11 +229,12 @@ class CharDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         start = self.trainer.global_step if self.trainer is not None else 0
-        return DataLoader(self.train_dataset(start), batch_size=None)
+        # own generators: creating an iterator must not draw from the global RNG (exact resume)
+        return DataLoader(self.train_dataset(start), batch_size=None, generator=torch.Generator())
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = EvalBatches(self.splits[split], self.block_size, self.eval_batch_size)
-        return DataLoader(ds, batch_size=None, shuffle=False)
+        return DataLoader(ds, batch_size=None, shuffle=False, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -74,9 +74,6 @@ class CharLM(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
 
-    def on_train_start(self) -> None:
-        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-
     def _loss(self, logits, y):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # (B*T, V) vs (B*T,)
 
@@ -215,12 +212,61 @@ class CharLM(L.LightningModule):
     # ---- checkpoint -----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep checkpoints loadable into an uncompiled model: strip torch.compile's prefix."""
+        """Strip torch.compile's prefix; store what exact resume needs as tensors and plain data
+        (RNG states, the carried stream state, the W&B run id), so `weights_only` loading works."""
         sd = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+        checkpoint["rng"] = rng_state()
         if self.carry_state and self._state is not None:
             checkpoint["carried_state"] = self._state
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                checkpoint["wandb_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.carry_state and "carried_state" in checkpoint:
             self._state = checkpoint["carried_state"]
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        if self.carry_state and self._state is not None:
+            self._state = tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, self._state)
+        if getattr(self, "_resume_rng", None) is not None:
+            set_rng_state(self._resume_rng)  # dropout masks continue exactly where the saved run was
+            self._resume_rng = None
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and plain data."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x

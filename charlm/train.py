@@ -63,6 +63,18 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def stop_at(step: int):
+    """A callback that stops training after the validation (and checkpoint) at `step`, as an interruption would."""
+    import lightning as L
+
+    class _StopAt(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.global_step >= step:
+                trainer.should_stop = True
+
+    return _StopAt()
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject impossible values, naming the key."""
     positive = {
@@ -151,6 +163,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.model.get("compile"):
         module.model = torch.compile(module.model)
 
+    if resume and resume.get("wandb_id") and cfg.logger.kind == "wandb" and not cfg.logger.get("id"):
+        cfg.logger.id = resume["wandb_id"]  # the resumed run continues the same W&B run
     logger = build_logger(cfg, run_dir)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True) | {"params": params})
@@ -161,6 +175,8 @@ def run(cfg: DictConfig) -> dict:
     clock = TrainClock()
     bar = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50)
     callbacks = [ckpt_cb, clock.callback, bar]
+    if cfg.get("stop_at_step"):
+        callbacks.append(stop_at(int(cfg.stop_at_step)))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
