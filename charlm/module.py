@@ -56,6 +56,7 @@ class CharLM(L.LightningModule):
         clip: dict | None = None,
         carry_state: bool = False,
         sample: dict | None = None,
+        divergence_factor: float | None = 10.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +67,8 @@ class CharLM(L.LightningModule):
         self.carry_state = carry_state
         self._state = None  # carried across batches in stream mode
         self._bad_step = None
+        # a train loss above this is divergence even while finite (a uniform guess scores ln V)
+        self.max_loss = divergence_factor * math.log(len(self.vocab)) if divergence_factor else math.inf
         self.register_buffer("clip_count", torch.zeros((), dtype=torch.long), persistent=True)
         self.samples: list[list] = []
 
@@ -89,7 +92,7 @@ class CharLM(L.LightningModule):
         aux = aux_losses(x, y) if aux_losses is not None else {}
         for v in aux.values():
             total = total + v
-        self._flag_nonfinite(loss)
+        self._flag_nonfinite(loss, self.max_loss)
 
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -128,18 +131,20 @@ class CharLM(L.LightningModule):
     def _uses_grad_scaler(self) -> bool:
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
-    def _flag_nonfinite(self, value: torch.Tensor) -> None:
-        """Record (without a host sync) the first step whose loss or gradient was not finite."""
+    def _flag_nonfinite(self, value: torch.Tensor, limit: float = math.inf) -> None:
+        """Record (without a host sync) the first step whose loss or gradient was not finite (or above `limit`)."""
         if self._bad_step is None:
             return
-        bad = ~torch.isfinite(value.detach()) & (self._bad_step < 0)
+        v = value.detach()
+        bad = ~(torch.isfinite(v) & (v <= limit)) & (self._bad_step < 0)
         self._bad_step = torch.where(bad, torch.full_like(self._bad_step, self.trainer.global_step), self._bad_step)
 
     def check_finite(self) -> None:
         """Stop with a clear message if a non-finite loss or gradient was seen (one host sync)."""
         if self._bad_step is not None and (s := int(self._bad_step)) >= 0:
             raise DivergenceError(
-                f"non-finite loss or gradient at step {s}: training stopped before saving "
+                f"training diverged at step {s} (loss or gradient not finite, or loss above "
+                f"{self.max_loss:.3g} nats): stopped before saving "
                 "(the last good checkpoint is untouched); lower optim.lr or tighten clip.value"
             )
 
@@ -188,7 +193,8 @@ class CharLM(L.LightningModule):
         if cfg["n_chars"] <= 0 or self.trainer.global_rank != 0:
             return
         g = torch.Generator(device="cpu").manual_seed(0)
-        text = generate(self.model, self.vocab, cfg["prompt"], cfg["n_chars"], cfg["temperature"], generator=g)[0]
+        text = generate(self.model, self.vocab, cfg["prompt"], cfg["n_chars"], cfg["temperature"], generator=g,
+                        unknown="skip")[0]
         self.samples.append([self.trainer.global_step, text])
         for logger in self.loggers:
             if hasattr(logger, "log_text"):

@@ -87,7 +87,7 @@ def _quote_free_text(argv: list[str]) -> list[str]:
     out = []
     for a in argv:
         key, eq, value = a.partition("=")
-        if eq and key.lstrip("+") in ("prompt", "infill") and not value[:1] in ("'", '"'):
+        if eq and key.lstrip("+") in ("prompt", "infill") and value[:1] not in ("'", '"'):
             value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
             a = f"{key}={value}"
         out.append(a)
@@ -127,11 +127,12 @@ def run(cfg) -> None:
 def main() -> None:
     import hydra
 
-    from charlm.errors import report_user_errors
+    from charlm.errors import CONF_DIR, precheck_overrides, report_user_errors
 
     sys.argv = [sys.argv[0]] + _quote_free_text(sys.argv[1:])
+    precheck_overrides("sample", sys.argv[1:])
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
     def _main(cfg) -> None:
         with report_user_errors():
             run(cfg)
@@ -140,4 +141,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run through the importable module, so exception classes are the ones charlm.errors catches
+    from charlm.sample import main as _main
+
+    _main()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from charlm.errors import ConfigError, report_user_errors
+from charlm.errors import CONF_DIR, ConfigError, report_user_errors
 
 
 def pick_trainer(argv: list[str]) -> list[str]:
@@ -75,8 +75,53 @@ def stop_at(step: int):
     return _StopAt()
 
 
+TOP_KEYS = {"divergence_factor", "model", "data", "trainer", "logger", "optim", "scheduler", "seed", "ckpt_path", "stop_at_step",
+            "clip", "sample"}
+
+
+def _accepted(target) -> tuple[set[str], bool]:
+    """Keyword names a callable accepts, and whether it also takes **kwargs."""
+    import inspect
+
+    params = inspect.signature(target).parameters.values()
+    return {p.name for p in params}, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Reject misspelt keys (in YAML files or `+key=` overrides), naming them."""
+    import lightning as L
+    from hydra.utils import get_method
+
+    from charlm.data import CharDataModule
+
+    for key in cfg:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    groups = {
+        "data": (CharDataModule, {"name"}),
+        "trainer": (L.Trainer, set()),
+        "clip": (None, {"algorithm", "value"}),
+        "sample": (None, {"prompt", "n_chars", "temperature"}),
+        "logger": (None, {"kind", "project", "mode", "name", "id"}),
+    }
+    for name in ("model", "optim", "scheduler"):
+        if cfg.get(name) and "_target_" in cfg[name]:
+            try:
+                target = get_method(cfg[name]._target_)
+            except Exception:
+                raise ConfigError(f"{name}._target_={cfg[name]._target_}: no such class or function") from None
+            groups[name] = (target, {"_target_", "_partial_", "compile"})
+    for name, (target, extra) in groups.items():
+        known, open_ended = _accepted(target) if target is not None else (set(), False)
+        known |= extra
+        for key in cfg.get(name) or {}:
+            if key not in known and not open_ended:
+                raise ConfigError(f"unknown config key {name}.{key} (known: {', '.join(sorted(known - {'self'}))})")
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Reject impossible values, naming the key."""
+    """Reject misspelt keys and impossible values, naming the key."""
+    check_keys(cfg)
     positive = {
         "data.block_size": cfg.data.block_size, "data.batch_size": cfg.data.batch_size,
         "trainer.max_steps": cfg.trainer.max_steps,
@@ -120,7 +165,12 @@ def run(cfg: DictConfig) -> dict:
     """Train as `cfg` says; return (and write) the run's results."""
     import lightning as L
     from hydra.core.hydra_config import HydraConfig
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks import (
+        LearningRateMonitor,
+        ModelCheckpoint,
+        RichProgressBar,
+        TQDMProgressBar,
+    )
 
     from charlm.checkpoint import AtomicCheckpointIO, load_charlm, read_checkpoint
     from charlm.data import CharDataModule
@@ -149,8 +199,10 @@ def run(cfg: DictConfig) -> dict:
     if len(dm.splits["val"]) < dm.block_size + 1:
         raise ConfigError(f"data.block_size={dm.block_size} is larger than the val split")
 
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    compile_model = bool(model_cfg.pop("compile", False))
     module = CharLM(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+        model=model_cfg,
         vocab=dm.vocab.to_dict(),
         model_name=model_name,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
@@ -158,9 +210,10 @@ def run(cfg: DictConfig) -> dict:
         clip=OmegaConf.to_container(cfg.clip, resolve=True),
         carry_state=cfg.data.sampling == "stream",
         sample=OmegaConf.to_container(cfg.sample, resolve=True),
+        divergence_factor=cfg.divergence_factor,
     )
     params = sum(p.numel() for p in module.model.parameters())
-    if cfg.model.get("compile"):
+    if compile_model:
         module.model = torch.compile(module.model)
 
     if resume and resume.get("wandb_id") and cfg.logger.kind == "wandb" and not cfg.logger.get("id"):
@@ -200,7 +253,7 @@ def run(cfg: DictConfig) -> dict:
         "params": params,
         "val_loss": best_val,
         "val_bpc": best_val / math.log(2),
-        "val_ppl": math.exp(best_val) if math.isfinite(best_val) else float("nan"),
+        "val_ppl": math.exp(min(best_val, 700.0)),
         "final_val_loss": final_val,
         "best_ckpt": str(Path(best_path).resolve()),
         "last_ckpt": str((ckpt_dir / "last.ckpt").resolve()),
@@ -212,6 +265,7 @@ def run(cfg: DictConfig) -> dict:
     }
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = str(cfg.sample.prompt).replace("\\n", "\n")
+    prompt = "".join(c for c in prompt if c in best.vocab.stoi)
     sample = prompt + generate(best.model, best.vocab, prompt, 300, cfg.sample.temperature, generator=g)[0]
     results["sample"] = sample
     tmp = run_dir / ".results.json.tmp"
@@ -232,9 +286,12 @@ def run(cfg: DictConfig) -> dict:
 def main() -> None:
     import hydra
 
-    sys.argv = [sys.argv[0]] + pick_trainer(sys.argv[1:])
+    from charlm.errors import precheck_overrides
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+    sys.argv = [sys.argv[0]] + pick_trainer(sys.argv[1:])
+    precheck_overrides("train", sys.argv[1:])
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
     def _main(cfg: DictConfig) -> float | None:
         with report_user_errors():
             results = run(cfg)
@@ -244,4 +301,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run through the importable module, so exception classes are the ones charlm.errors catches
+    from charlm.train import main as _main
+
+    _main()

@@ -28,7 +28,7 @@ class CharVocab:
         self._points = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted, for searchsorted
 
     @classmethod
-    def from_text(cls, text: str) -> "CharVocab":
+    def from_text(cls, text: str) -> CharVocab:
         """The vocabulary of every distinct character in `text`."""
         return cls([chr(p) for p in np.unique(_codepoints(text))])
 
@@ -78,5 +78,5 @@ class CharVocab:
         return {"chars": "".join(self.chars)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CharVocab":
+    def from_dict(cls, d: dict) -> CharVocab:
         return cls(list(d["chars"]))

@@ -9,7 +9,8 @@ def test_embedded_corpus_split_is_nanogpt():
     n = sum(len(s) for s in dm.splits.values())
     assert n == 1_115_394 and len(dm.vocab) == 65
     assert len(dm.splits["val"]) == int(n * 0.1) and len(dm.splits["train"]) == n - int(n * 0.1)
-    text = open(embedded_corpus(), encoding="utf-8").read()
+    with open(embedded_corpus(), encoding="utf-8") as f:
+        text = f.read()
     assert dm.vocab.decode(dm.splits["val"][:50].tolist()) == text[n - len(dm.splits["val"]) :][:50]
 
 
@@ -32,7 +33,7 @@ def test_random_windows_depend_only_on_step():
 def test_streams_are_contiguous_across_batches():
     ids = torch.arange(1001)
     it = iter(Streams(ids, block_size=10, batch_size=4))
-    x1, y1, r1 = next(it)
+    _, y1, r1 = next(it)
     x2, _, r2 = next(it)
     assert bool(r1) and not bool(r2)
     assert torch.equal(x2[:, 0], y1[:, -1])  # row b of batch 2 continues row b of batch 1

@@ -4,9 +4,9 @@ import json
 import math
 
 import torch
+from conftest import run_cli
 
 from charlm.checkpoint import load_charlm
-from conftest import run_cli
 
 
 def test_train_writes_run_dir(trained_run):

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, run_cli
 
 STEPS = ["trainer.max_steps=16", "trainer.val_check_interval=8", "trainer.log_every_n_steps=1",
