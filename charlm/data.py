@@ -161,6 +161,28 @@ class EvalBatches(Dataset):
         return w[:, :-1], w[:, 1:]
 
 
+class EvalStreams(Dataset):
+    """A full deterministic pass as `batch_size` contiguous streams, chunk after chunk: a model that
+    carries its state through them is evaluated with all the context before each character (as it
+    was trained in stream mode). Item i is (x, y, reset) with reset true for the first chunk."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int):
+        self.batch_size = max(1, min(batch_size, (len(ids) - 1) // block_size))
+        self.stream_len = (len(ids) - 1) // self.batch_size
+        self.ids, self.block_size = ids, block_size
+        self.n = -(-self.stream_len // block_size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        start = i * self.block_size
+        T = min(self.block_size, self.stream_len - start)
+        rows = torch.arange(self.batch_size)[:, None] * self.stream_len
+        w = self.ids[rows + start + torch.arange(T + 1)].long()  # (B, T+1)
+        return w[:, :-1], w[:, 1:], torch.tensor(i == 0)
+
+
 class CharDataModule(L.LightningDataModule):
     """Loads a corpus, builds (or checks against) a vocabulary, splits it and serves batches."""
 
@@ -233,7 +255,10 @@ class CharDataModule(L.LightningDataModule):
         return DataLoader(self.train_dataset(start), batch_size=None, generator=torch.Generator())
 
     def _eval_loader(self, split: str) -> DataLoader:
-        ds = EvalBatches(self.splits[split], self.block_size, self.eval_batch_size)
+        if self.sampling == "stream":
+            ds = EvalStreams(self.splits[split], self.block_size, self.batch_size)
+        else:
+            ds = EvalBatches(self.splits[split], self.block_size, self.eval_batch_size)
         return DataLoader(ds, batch_size=None, shuffle=False, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:

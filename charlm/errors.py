@@ -47,7 +47,19 @@ def report_user_errors():
             key = getattr(e, "full_key", None)
             msg = f"config key {key}: {msg}" if key and key not in msg else f"config: {msg}"
         print(f"error: {msg}", file=sys.stderr)
+        if _in_multirun():
+            raise  # Hydra records the failed job and the sweep goes on
         sys.exit(2)
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return False
 
 
 def precheck_overrides(config_name: str, argv: list[str]) -> None:
@@ -67,7 +79,8 @@ def precheck_overrides(config_name: str, argv: list[str]) -> None:
         if os.environ.get("CHARLM_DEBUG"):
             raise
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        lines = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "Config search path", "provider="))]
+        skip = ("full_key", "object_type", "Config search path", "provider=")
+        lines = [ln for ln in lines if not ln.startswith(skip)]
         msg = lines[0] if lines else type(e).__name__
         if "Available options" in str(e):
             i = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))

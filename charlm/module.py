@@ -159,11 +159,16 @@ class CharLM(L.LightningModule):
         self.check_finite()  # never validate (and so checkpoint) diverged weights
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_state = None
         self._aux_sums: dict[str, torch.Tensor] = {}
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits, _ = self.model(x)
+        x, y, *rest = batch
+        state = None
+        if self.carry_state and not (rest and bool(rest[0])):
+            state = self._val_state  # stream evaluation: all the context before each character
+        logits, state = self.model(x, state)
+        self._val_state = state if self.carry_state else None
         self._val_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         self._val_count += y.numel()
         aux_losses = getattr(self.model, "aux_losses", None)

@@ -99,7 +99,9 @@ def run(cfg) -> None:
 
     check_args(cfg.n_chars, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples)
     module = load_charlm(cfg.ckpt_path)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = module.model.to(device)
     seed = cfg.seed if cfg.seed is not None else int(torch.seed() % (2**31))
     g = torch.Generator().manual_seed(int(seed))
@@ -107,9 +109,8 @@ def run(cfg) -> None:
     if cfg.get("infill"):
         infill = getattr(model, "infill", None)
         if infill is None:
-            raise SampleArgError(
-                f"infill needs a bidirectional model (model=birnn); {module.hparams.model_name} reads left to right only"
-            )
+            name = module.hparams.model_name
+            raise SampleArgError(f"infill needs a bidirectional model (model=birnn); {name} reads left to right only")
         print(infill(module.vocab, str(cfg.infill), mask=cfg.mask_char, unknown=cfg.unknown))
         return
     texts = generate(

@@ -75,8 +75,10 @@ def stop_at(step: int):
     return _StopAt()
 
 
-TOP_KEYS = {"divergence_factor", "model", "data", "trainer", "logger", "optim", "scheduler", "seed", "ckpt_path", "stop_at_step",
-            "clip", "sample"}
+TOP_KEYS = {
+    "model", "data", "trainer", "logger", "optim", "scheduler", "seed", "ckpt_path", "stop_at_step",
+    "clip", "sample", "divergence_factor",
+}
 
 
 def _accepted(target) -> tuple[set[str], bool]:
@@ -97,8 +99,9 @@ def check_keys(cfg: DictConfig) -> None:
     for key in cfg:
         if key not in TOP_KEYS:
             raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    data_cls = get_method(cfg.data._target_) if "_target_" in cfg.data else CharDataModule
     groups = {
-        "data": (CharDataModule, {"name"}),
+        "data": (data_cls, {"name", "_target_"}),
         "trainer": (L.Trainer, set()),
         "clip": (None, {"algorithm", "value"}),
         "sample": (None, {"prompt", "n_chars", "temperature"}),
@@ -165,6 +168,7 @@ def run(cfg: DictConfig) -> dict:
     """Train as `cfg` says; return (and write) the run's results."""
     import lightning as L
     from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_class
     from lightning.pytorch.callbacks import (
         LearningRateMonitor,
         ModelCheckpoint,
@@ -173,7 +177,6 @@ def run(cfg: DictConfig) -> dict:
     )
 
     from charlm.checkpoint import AtomicCheckpointIO, load_charlm, read_checkpoint
-    from charlm.data import CharDataModule
     from charlm.module import CharLM
     from charlm.sample import generate
     from charlm.vocab import CharVocab
@@ -194,7 +197,8 @@ def run(cfg: DictConfig) -> dict:
     resume = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     vocab = CharVocab.from_dict(resume["hyper_parameters"]["vocab"]) if resume else None
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    dm = CharDataModule(vocab=vocab, seed=cfg.seed, **data_cfg)
+    data_cls = get_class(data_cfg.pop("_target_", "charlm.data.CharDataModule"))
+    dm = data_cls(vocab=vocab, seed=cfg.seed, **data_cfg)
     dm.prepare()
     if len(dm.splits["val"]) < dm.block_size + 1:
         raise ConfigError(f"data.block_size={dm.block_size} is larger than the val split")
@@ -228,12 +232,17 @@ def run(cfg: DictConfig) -> dict:
     clock = TrainClock()
     bar = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50)
     callbacks = [ckpt_cb, clock.callback, bar]
+    callbacks += list(getattr(dm, "callbacks", lambda: [])())  # task-specific metrics (e.g. data=recall)
     if cfg.get("stop_at_step"):
         callbacks.append(stop_at(int(cfg.stop_at_step)))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("precision") == "auto":  # each model class says what its kernels want on a GPU
+        on_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        trainer_cfg["precision"] = getattr(type(module.model), "gpu_precision", "32-true") if on_gpu else "32-true"
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_cfg,
         logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir), enable_checkpointing=True,
     )
@@ -247,7 +256,8 @@ def run(cfg: DictConfig) -> dict:
     best = load_charlm(best_path)
     best_val = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else float("nan")
     final_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
-    tokens = (trainer.global_step - (resume["global_step"] if resume else 0)) * cfg.data.batch_size * cfg.data.block_size
+    steps_run = trainer.global_step - (resume["global_step"] if resume else 0)
+    tokens = steps_run * cfg.data.batch_size * cfg.data.block_size
     results = {
         "model": model_name,
         "params": params,
@@ -262,6 +272,7 @@ def run(cfg: DictConfig) -> dict:
         "train_seconds": clock.train_seconds,
         "vocab_size": len(dm.vocab),
         "device": str(trainer.strategy.root_device),
+        "precision": str(trainer.precision),
     }
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = str(cfg.sample.prompt).replace("\\n", "\n")

@@ -18,6 +18,8 @@ class BiRNNLM(nn.Module):
     `aux_losses` adds the backward direction's loss to training, and `infill` uses both.
     """
 
+    gpu_precision = "32-true"  # cuDNN RNN kernels: fp32 or 16-mixed, never bf16-mixed
+
     def __init__(
         self,
         vocab_size: int,

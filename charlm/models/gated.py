@@ -16,6 +16,8 @@ from charlm.models.rnn import RNNLM
 class GatedRNNLM(nn.Module):
     """Embedding -> CellStack -> dropout -> linear head. State: one h or (h, c) per layer."""
 
+    gpu_precision = "32-true"  # custom cells: fp32 by default (16-mixed works too)
+
     def __init__(
         self,
         vocab_size: int,

@@ -11,6 +11,8 @@ CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 class RNNLM(nn.Module):
     """Embedding -> recurrent stack -> dropout -> linear head. State: h (rnn, gru) or (h, c) (lstm)."""
 
+    gpu_precision = "32-true"  # cuDNN runs RNNs under bf16 autocast in fp16, unscaled: use fp32 or 16-mixed
+
     def __init__(
         self,
         vocab_size: int,

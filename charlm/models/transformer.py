@@ -93,6 +93,8 @@ class GPT(nn.Module):
     happen at the same token counts however the input is chunked, chunked == whole at any length.
     """
 
+    gpu_precision = "bf16-mixed"  # flash attention and tensor cores, no loss scaling needed
+
     def __init__(
         self,
         vocab_size: int,

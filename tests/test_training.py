@@ -1,0 +1,111 @@
+"""CharLM training mechanics: truncated BPTT streams, compile-safe checkpoints, precision per model."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+from charlm.data import CharDataModule
+from charlm.module import CharLM
+
+TINY_LSTM = {"_target_": "charlm.models.rnn.RNNLM", "cell": "lstm", "embed_dim": 8, "hidden_dim": 16}
+
+
+def tiny_module(dm, **kw) -> CharLM:
+    return CharLM(model=TINY_LSTM, vocab=dm.vocab.to_dict(), sample={"n_chars": 0}, **kw)
+
+
+def fit(module, dm, steps: int):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+@pytest.fixture()
+def stream_dm(tmp_path):
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    dm = CharDataModule(path=str(tmp_path / "c.txt"), block_size=12, batch_size=4, sampling="stream")
+    dm.setup()
+    return dm
+
+
+def test_stream_state_is_carried_and_detached(stream_dm):
+    module = tiny_module(stream_dm, carry_state=True)
+    fit(module, stream_dm, steps=1)
+    state = module._state
+    assert state is not None, "stream mode must keep the state of batch 1"
+    assert not any(t.requires_grad for t in tree_leaves(state)), "carried state must be detached"
+    it = iter(stream_dm.train_dataset())
+    x1, _, reset1 = next(it)
+    x2, y2, reset2 = next(it)
+    assert bool(reset1) and not bool(reset2)
+    module.model.eval()
+    with torch.no_grad():
+        _, s1 = module.model(x1)
+        with_ctx, _ = module.model(x2, s1)
+        other_x1 = (x1 + 1) % len(stream_dm.vocab)
+        _, s1b = module.model(other_x1)
+        with_other_ctx, _ = module.model(x2, s1b)
+    assert not torch.allclose(with_ctx, with_other_ctx), "batch 2's logits must depend on batch 1's characters"
+
+
+def test_gradient_stops_at_the_chunk_boundary(stream_dm):
+    module = tiny_module(stream_dm, carry_state=True)
+    it = iter(stream_dm.train_dataset())
+    x1, _, _ = next(it)
+    x2, y2, _ = next(it)
+    emb1 = module.model.embed(x1).detach().requires_grad_(True)
+    _, s1 = module.model.rnn(emb1)
+    s1 = tuple(t.detach() for t in s1)  # what CharLM does between batches
+    logits, _ = module.model(x2, s1)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y2.flatten()).backward()
+    assert emb1.grad is None, "no gradient may reach the previous chunk"
+    assert module.model.embed.weight.grad is not None and module.model.embed.weight.grad.abs().sum() > 0
+
+
+def test_random_mode_carries_nothing(stream_dm):
+    stream_dm.sampling = "random"
+    module = tiny_module(stream_dm, carry_state=False)
+    fit(module, stream_dm, steps=2)
+    assert module._state is None
+
+
+def test_compiled_model_checkpoint_loads_uncompiled(stream_dm):
+    module = tiny_module(stream_dm)
+    module.model = torch.compile(module.model)  # lazy: nothing is compiled until the first call
+    assert any("_orig_mod." in k for k in module.state_dict())
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert not any("_orig_mod." in k for k in ckpt["state_dict"])
+    fresh = tiny_module(stream_dm)
+    fresh.load_state_dict(ckpt["state_dict"])  # strict: every key matches an uncompiled model
+    for a, b in zip(fresh.model.parameters(), module.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_precision_per_model_family():
+    from charlm.models.birnn import BiRNNLM
+    from charlm.models.gated import GatedRNNLM
+    from charlm.models.rnn import RNNLM
+    from charlm.models.transformer import GPT
+
+    assert GPT.gpu_precision == "bf16-mixed"
+    for cls in (RNNLM, BiRNNLM, GatedRNNLM):
+        assert cls.gpu_precision in ("32-true", "16-mixed"), cls  # never bf16 autocast over cuDNN RNNs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,dtype", [("32-true", torch.float32), ("16-mixed", torch.float16)])
+def test_rnn_runs_in_the_claimed_dtype(precision, dtype):
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    from charlm.models.rnn import RNNLM
+
+    model = RNNLM(vocab_size=11, cell="lstm", embed_dim=8, hidden_dim=16).cuda()
+    seen = []
+    model.rnn.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+    plugin = MixedPrecision("16-mixed", "cuda") if precision == "16-mixed" else Precision()
+    with plugin.forward_context():
+        model(torch.randint(0, 11, (2, 5), device="cuda"))
+    assert seen == [dtype]
