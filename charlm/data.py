@@ -7,7 +7,10 @@ batches the uninterrupted run would have drawn: the data position is the step co
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from charlm.vocab import CharVocab, UnknownCharError
+from charlm.vocab import CharVocab
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".html", ".py")
 
@@ -183,6 +186,62 @@ class EvalStreams(Dataset):
         return w[:, :-1], w[:, 1:], torch.tensor(i == 0)
 
 
+def cache_dir() -> Path:
+    """Where encoded corpora are cached (CHARLM_CACHE, default ~/.cache/charlm)."""
+    return Path(os.environ.get("CHARLM_CACHE") or Path.home() / ".cache" / "charlm")
+
+
+def _torch_ids(ids: np.ndarray) -> torch.Tensor:
+    """A tensor over the same memory (no copy of a memory map); uint16 widens to int32 for torch."""
+    if ids.dtype == np.uint16:
+        ids = ids.astype(np.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only memory maps are fine: ids are never written
+        return torch.from_numpy(ids)
+
+
+def corpus_key(files: list[str], errors: str) -> str:
+    """Content hash of the corpus files (and the decode policy): the cache key."""
+    h = hashlib.sha256(errors.encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        h.update(b"\0end-of-file\0")
+    return h.hexdigest()[:32]
+
+
+def encode_corpus(path: str | None, errors: str = "strict") -> tuple[CharVocab, torch.Tensor]:
+    """The corpus's own vocabulary and its ids, encoded once per content hash and memory-mapped after.
+
+    The ids are stored compactly (uint8, or int32 past 256 characters) in
+    `cache_dir()/HASH.ids.npy`, so a corpus larger than RAM is paged in, never held as Python lists.
+    """
+    files = resolve_files(path or embedded_corpus())
+    _check_readable(files, errors)
+    key = corpus_key(files, errors)
+    ids_path, vocab_path = cache_dir() / f"{key}.ids.npy", cache_dir() / f"{key}.vocab.json"
+    if not (ids_path.exists() and vocab_path.exists()):
+        text = load_text(path, errors)
+        vocab = CharVocab.from_text(text)
+        ids = vocab.encode_array(text)
+        del text
+        if ids.dtype == np.uint16:
+            ids = ids.astype(np.int32)
+        try:
+            ids_path.parent.mkdir(parents=True, exist_ok=True)
+            for dest, write in ((ids_path, lambda f: np.save(f, ids)),
+                                (vocab_path, lambda f: f.write(json.dumps(vocab.to_dict()).encode()))):
+                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    write(f)
+                os.replace(tmp, dest)
+        except OSError:  # read-only home: work from memory
+            return vocab, _torch_ids(ids)
+    vocab = CharVocab.from_dict(json.loads(vocab_path.read_text()))
+    return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
+
+
 class CharDataModule(L.LightningDataModule):
     """Loads a corpus, builds (or checks against) a vocabulary, splits it and serves batches."""
 
@@ -216,16 +275,16 @@ class CharDataModule(L.LightningDataModule):
         """Read, encode and split the corpus (idempotent; also called by `setup`)."""
         if self.splits:
             return
-        text = load_text(self.path, self.errors)
+        corpus_vocab, ids = encode_corpus(self.path, self.errors)
         if self.vocab is None:
-            self.vocab = CharVocab.from_text(text)
-        try:
-            ids = self.vocab.encode_array(text)  # compact: uint8 / uint16 / int32
-        except UnknownCharError as e:
-            raise CorpusError(f"{self.path or self.name}: {e} (the checkpoint's vocabulary)") from None
-        if ids.dtype == np.uint16:
-            ids = ids.astype(np.int32)  # torch indexes uint8 and int32, not uint16
-        ids = torch.from_numpy(ids)
+            self.vocab = corpus_vocab
+        elif self.vocab != corpus_vocab:  # e.g. resuming on another corpus: map into the checkpoint's ids
+            missing = [c for c in corpus_vocab.chars if c not in self.vocab.stoi]
+            if missing:
+                raise CorpusError(f"{self.path or self.name}: characters not in the vocabulary: "
+                                  f"{''.join(missing)[:40]!r} (the checkpoint's vocabulary)")
+            mapping = np.array([self.vocab.stoi[c] for c in corpus_vocab.chars], dtype=np.int32)
+            ids = _torch_ids(mapping[np.asarray(ids)].astype(self.vocab.id_dtype))
         n = len(ids)
         n_val, n_test = int(n * self.val_fraction), int(n * self.test_fraction)
         n_train = n - n_val - n_test
