@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from charlm.data import CharDataModule
@@ -45,7 +45,7 @@ def test_every_model_instantiates_and_runs(name):
 
 def test_experiments_compose():
     for name in options("experiment"):
-        cfg = compose_train(f"+experiment={name}")
+        cfg = compose_train(f"experiment={name}")
         assert cfg.model._target_
 
 
@@ -56,7 +56,9 @@ def test_every_data_config_builds(name, tmp_path):
     cfg = compose_train(f"data={name}", f"data.path={corpus}" if name == "text" else "data.block_size=16")
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data["block_size"] = 16
-    dm = CharDataModule(**data)
+    data_cls = get_class(data.pop("_target_", "charlm.data.CharDataModule"))
+    assert issubclass(data_cls, CharDataModule)
+    dm = data_cls(**data)
     dm.setup()
     x, y, *_ = next(iter(dm.train_dataloader()))
     assert x.shape == (data["batch_size"], 16) and torch.equal(x[:, 1:], y[:, :-1])
