@@ -104,8 +104,10 @@ class CharLM(L.LightningModule):
         if self.carry_state:
             self._state = _detach(state)  # truncated BPTT: gradient stops at the chunk boundary
 
-        # the progress bar turns its metrics into Python floats (a host sync): only every log interval
-        self.log("train/loss", loss, prog_bar=self.trainer.global_step % self.trainer.log_every_n_steps == 0)
+        self.log("train/loss", loss)
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            # the progress bar turns its metrics into Python floats (a host sync): only every log interval
+            self.log("loss", loss, prog_bar=True, logger=False)
         for name, v in aux.items():
             self.log(f"train/{name}", v)
         return loss
