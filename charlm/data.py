@@ -135,7 +135,7 @@ class Streams(IterableDataset):
         while True:
             pos = (k % self.chunks) * self.block_size
             w = self.ids[rows + pos + offsets].long()  # (B, T+1)
-            reset = torch.tensor(pos == 0)  # a new pass over the streams: carried state must be dropped
+            reset = pos == 0  # a new pass over the streams: carried state must be dropped (a bool: no sync)
             yield w[:, :-1], w[:, 1:], reset
             k += 1
 
@@ -183,7 +183,7 @@ class EvalStreams(Dataset):
         T = min(self.block_size, self.stream_len - start)
         rows = torch.arange(self.batch_size)[:, None] * self.stream_len
         w = self.ids[rows + start + torch.arange(T + 1)].long()  # (B, T+1)
-        return w[:, :-1], w[:, 1:], torch.tensor(i == 0)
+        return w[:, :-1], w[:, 1:], i == 0
 
 
 def cache_dir() -> Path:

@@ -83,7 +83,7 @@ class CharLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, *rest = batch
         state = None
-        if self.carry_state and not (rest and bool(rest[0])):
+        if self.carry_state and not (rest and rest[0]):  # rest[0]: a Python bool, no host sync
             state = self._state
         logits, state = self.model(x, state)
         loss = self._loss(logits, y)
@@ -104,13 +104,18 @@ class CharLM(L.LightningModule):
         if self.carry_state:
             self._state = _detach(state)  # truncated BPTT: gradient stops at the chunk boundary
 
-        self.log("train/loss", loss)
-        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
-            # the progress bar turns its metrics into Python floats (a host sync): only every log interval
-            self.log("loss", loss, prog_bar=True, logger=False)
-        for name, v in aux.items():
-            self.log(f"train/{name}", v)
+        if self._log_now():
+            self.log("train/loss", loss)
+            self.log("loss", loss, prog_bar=True, logger=False)  # the bar's copy
+            for name, v in aux.items():
+                self.log(f"train/{name}", v)
         return loss
+
+    def _log_now(self) -> bool:
+        """True on the steps whose metrics Lightning writes (every `log_every_n_steps`). Logging only
+        then saves the per-call cost of `self.log` and the progress bar's host sync on other steps."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip (grads are already unscaled here under AMP) and log the pre-clip global norm."""
@@ -126,10 +131,10 @@ class CharLM(L.LightningModule):
         self.clip_count += clipped.long()
         if not self._uses_grad_scaler():
             self._flag_nonfinite(norm)
-        step = self.trainer.global_step + 1
-        self.log("train/grad_norm", norm)
-        self.log("train/clipped", clipped.float())
-        self.log("train/clip_frac", self.clip_count.float() / step)
+        if self._log_now():  # the running fraction counts every step; only the writing is periodic
+            self.log("train/grad_norm", norm)
+            self.log("train/clipped", clipped.float())
+            self.log("train/clip_frac", self.clip_count.float() / (self.trainer.global_step + 1))
 
     def _uses_grad_scaler(self) -> bool:
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
@@ -168,7 +173,7 @@ class CharLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y, *rest = batch
         state = None
-        if self.carry_state and not (rest and bool(rest[0])):
+        if self.carry_state and not (rest and rest[0]):
             state = self._val_state  # stream evaluation: all the context before each character
         logits, state = self.model(x, state)
         self._val_state = state if self.carry_state else None
