@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -66,8 +67,10 @@ def _check_readable(files: list[str], errors: str) -> None:
             raise CorpusError(f"{f}: looks binary (NUL bytes); pass data.errors=replace to read it anyway")
 
 
-def load_text(path: str | None, errors: str = "strict") -> str:
-    """The whole corpus as one string, read with `datasets.load_dataset("text", ...)`."""
+def load_lines(path: str | None, errors: str = "strict"):
+    """The corpus as an Arrow-backed `datasets.Dataset` of lines with their line breaks kept, read with
+    `datasets.load_dataset("text", ...)`: concatenating the rows gives the files' text back exactly.
+    Arrow keeps it on disk, so a corpus larger than RAM can be read batch by batch."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -75,11 +78,11 @@ def load_text(path: str | None, errors: str = "strict") -> str:
     files = resolve_files(path or embedded_corpus())
     _check_readable(files, errors)
     try:
-        ds = datasets.load_dataset(
-            "text", data_files=files, sample_by="document", split="train",
-            encoding_errors=errors, keep_in_memory=True,
+        return datasets.load_dataset(
+            "text", data_files=files, sample_by="line", keep_linebreaks=True, split="train",
+            encoding_errors=errors,
         )
-    except Exception as e:  # datasets wraps decode errors in its own exception types
+    except Exception as e:  # noqa: BLE001 - datasets wraps decode errors in its own exception types
         cause = e
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
             cause = cause.__cause__ or cause.__context__
@@ -89,7 +92,18 @@ def load_text(path: str | None, errors: str = "strict") -> str:
                 "pass data.errors=replace to read it anyway"
             ) from None
         raise CorpusError(f"{path}: could not read corpus ({type(e).__name__}: {e})") from None
-    text = "\n".join(ds["text"]) if len(ds) else ""
+
+
+def iter_text(ds, chars_per_chunk: int = 1 << 23):
+    """The corpus text in chunks of roughly `chars_per_chunk` characters."""
+    rows = max(1, chars_per_chunk // 64)
+    for batch in ds.iter(batch_size=rows):
+        yield "".join(batch["text"])
+
+
+def load_text(path: str | None, errors: str = "strict") -> str:
+    """The whole corpus as one string (small corpora; training goes through `encode_corpus`)."""
+    text = "".join(iter_text(load_lines(path, errors)))
     if not text:
         raise CorpusError(f"{path or 'corpus'}: empty")
     return text
@@ -214,30 +228,46 @@ def corpus_key(files: list[str], errors: str) -> str:
 def encode_corpus(path: str | None, errors: str = "strict") -> tuple[CharVocab, torch.Tensor]:
     """The corpus's own vocabulary and its ids, encoded once per content hash and memory-mapped after.
 
-    The ids are stored compactly (uint8, or int32 past 256 characters) in
-    `cache_dir()/HASH.ids.npy`, so a corpus larger than RAM is paged in, never held as Python lists.
+    Two passes over the Arrow-backed lines, a chunk at a time (vocabulary and length, then ids written
+    into a memory-mapped `.npy`), so memory stays flat whatever the corpus size. The ids are stored
+    compactly (uint8, or int32 past 256 characters) in `cache_dir()/HASH.ids.npy`.
     """
     files = resolve_files(path or embedded_corpus())
     _check_readable(files, errors)
     key = corpus_key(files, errors)
-    ids_path, vocab_path = cache_dir() / f"{key}.ids.npy", cache_dir() / f"{key}.vocab.json"
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError:  # read-only home: encode into a temporary folder
+        folder = Path(tempfile.mkdtemp(prefix="charlm-"))
+    ids_path, vocab_path = folder / f"{key}.ids.npy", folder / f"{key}.vocab.json"
     if not (ids_path.exists() and vocab_path.exists()):
-        text = load_text(path, errors)
-        vocab = CharVocab.from_text(text)
-        ids = vocab.encode_array(text)
-        del text
-        if ids.dtype == np.uint16:
-            ids = ids.astype(np.int32)
-        try:
-            ids_path.parent.mkdir(parents=True, exist_ok=True)
-            for dest, write in ((ids_path, lambda f: np.save(f, ids)),
-                                (vocab_path, lambda f: f.write(json.dumps(vocab.to_dict()).encode()))):
-                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    write(f)
-                os.replace(tmp, dest)
-        except OSError:  # read-only home: work from memory
-            return vocab, _torch_ids(ids)
+        ds = load_lines(path, errors)
+        points, n = set(), 0
+        for chunk in iter_text(ds):
+            cp = np.frombuffer(chunk.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
+            points.update(np.unique(cp).tolist())
+            n += len(cp)
+        if n == 0:
+            raise CorpusError(f"{path or 'corpus'}: empty")
+        vocab = CharVocab([chr(p) for p in sorted(points)])
+        dtype = np.uint8 if len(vocab) <= 256 else np.int32
+        tmp = ids_path.with_name(f".{ids_path.name}.{os.getpid()}.tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,))
+        pos = 0
+        for chunk in iter_text(ds):
+            ids = vocab.encode_array(chunk)
+            out[pos : pos + len(ids)] = ids
+            pos += len(ids)
+        out.flush()
+        del out
+        os.replace(tmp, ids_path)
+        tmp = vocab_path.with_name(f".{vocab_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(vocab.to_dict()))
+        os.replace(tmp, vocab_path)
     vocab = CharVocab.from_dict(json.loads(vocab_path.read_text()))
     return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
 
