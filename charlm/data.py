@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from charlm.vocab import CharVocab
 
@@ -348,6 +348,8 @@ class CharDataModule(L.LightningDataModule):
             ds = EvalStreams(self.splits[split], self.block_size, self.batch_size)
         else:
             ds = EvalBatches(self.splits[split], self.block_size, self.eval_batch_size)
+            if self.trainer is not None and self.trainer.world_size > 1:  # each batch on one rank once, no padding
+                ds = Subset(ds, range(self.trainer.global_rank, len(ds), self.trainer.world_size))
         return DataLoader(ds, batch_size=None, shuffle=False, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:

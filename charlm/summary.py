@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 
 log = logging.getLogger(__name__)
 COLUMNS = ["job", "status", "val_bpc", "val_loss", "steps", "params", "tokens_per_s", "model", "overrides", "error"]
-ORDER = {"ok": 0, "pruned": 1, "failed": 2, "running": 3}
+ORDER = {"ok": 0, "pruned": 1, "failed": 2, "interrupted": 3, "running": 4}
 
 
 def _rank_zero() -> bool:
@@ -129,7 +129,6 @@ class SweepSummary(Callback):
 
     def __init__(self, keep_going: bool = True):
         self.keep_going = keep_going
-        self.failed = 0
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
@@ -142,7 +141,6 @@ class SweepSummary(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         info = {"num": int(config.hydra.job.num), "overrides": list(job_return.overrides or []), "status": "ok"}
         if job_return.status == JobStatus.FAILED:
-            self.failed += 1
             exc = job_return._return_value
             info |= {"status": "failed", "error": error_line(exc)}
             if not isinstance(exc, user_error_types()):  # a bug, not a bad value: keep its traceback
@@ -161,8 +159,9 @@ class SweepSummary(Callback):
             return
         rows = write_summary(sweep_dir)
         print(f"\n{markdown(rows)}\nsummary: {sweep_dir / 'summary.md'} ({len(rows)} jobs)")
-        if self.failed:
-            print(f"error: {self.failed} of {len(rows)} jobs failed (see the summary)", file=sys.stderr)
+        failed = sum(r["status"] == "failed" for r in rows)  # jobs may have run in other processes
+        if failed:
+            print(f"error: {failed} of {len(rows)} jobs failed (see the summary)", file=sys.stderr)
             sys.exit(1)
 
 

@@ -70,8 +70,11 @@ def distribution(key: str, expr: str) -> optuna.distributions.BaseDistribution:
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    o = OverridesParser.create().parse_overrides([f"{key}={expr}"])[0]
-    v = o.value()
+    try:
+        o = OverridesParser.create().parse_overrides([f"{key}={expr}"])[0]
+        v = o.value()
+    except Exception as e:  # noqa: BLE001 - Hydra's parse errors: one line is enough
+        raise ConfigError(f"{key}={expr}: {str(e).splitlines()[-2 if len(str(e).splitlines()) > 1 else 0]}") from None
     if isinstance(v, ChoiceSweep):
         return CategoricalDistribution(v.list)
     if isinstance(v, RangeSweep):
@@ -164,7 +167,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, fixed: list[str], cfg: D
         trial.set_user_attr("interrupted", False)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit
-        info["error"] = "interrupted (run again with the same sweep_dir to resume)"
+        info |= {"status": "interrupted", "error": "run again with the same sweep_dir to resume"}
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params)  # a resumed search runs these values first
         raise
@@ -180,6 +183,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, fixed: list[str], cfg: D
         trial_dir.mkdir(parents=True, exist_ok=True)
         write_json(trial_dir / "job.json", info)
         write_summary(sweep_dir)
+        sampled = " ".join(as_override(k, v) for k, v in trial.params.items())
+        print(f"\ncharlm.sweep: trial {trial.number} {info['status']}: {sampled} {info.get('error', '')}".rstrip())
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -192,10 +197,16 @@ def search(cfg: DictConfig, name: str, train_args: list[str], sweep_dir: Path) -
     from hydra.utils import instantiate
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    space_exprs = dict(cfg.params) | {_key(a): a.split("=", 1)[1] for a in train_args if _is_search(a)}
-    fixed = dedupe(list(cfg.overrides) + [a for a in train_args if not _is_search(a)])
-    pinned = {_key(o) for o in fixed}
-    space = {k: distribution(k, str(v)) for k, v in space_exprs.items() if k not in pinned}
+    exprs, pinned = dict(cfg.params), {_key(o): o for o in cfg.overrides}
+    for arg in train_args:  # a later argument for the same key wins: a value pins it, an expression searches it
+        if _is_search(arg):
+            exprs[_key(arg)] = arg.split("=", 1)[1]
+            pinned.pop(_key(arg), None)
+        else:
+            pinned[_key(arg)] = arg
+            exprs.pop(_key(arg), None)
+    fixed = list(pinned.values())
+    space = {k: distribution(k, str(v)) for k, v in exprs.items()}
     if not space:
         raise ConfigError("empty search space: give params in the hparams_search config (or key=choice(...))")
 
@@ -210,8 +221,12 @@ def search(cfg: DictConfig, name: str, train_args: list[str], sweep_dir: Path) -
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # a search killed mid-trial (one process per study)
         study.enqueue_trial(t.params)
+        if (sweep_dir / f"trial_{t.number:03d}").is_dir():
+            write_json(sweep_dir / f"trial_{t.number:03d}" / "job.json", {
+                "num": t.number, "overrides": t.user_attrs.get("overrides", []), "status": "interrupted",
+                "error": "killed: its values run again as a new trial"})
     done = sum(counted(t) for t in study.trials)
-    todo = max(0, int(cfg.n_trials) - done)
+    todo = max(0, cfg.n_trials - done)
     print(f"charlm.sweep: {name}: {done} trials done, {todo} to run -> {sweep_dir}  (space: {', '.join(space)})")
     for _ in range(todo):
         run_trial(study, study.ask(space), fixed, cfg, sweep_dir)
@@ -245,11 +260,16 @@ def write_best(study: optuna.Study, sweep_dir: Path, name: str) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
-    from charlm.errors import report_user_errors
+    from charlm.errors import precheck_overrides, report_user_errors
+    from charlm.train import pick_trainer
 
     own, train_args = split_args(sys.argv[1:] if argv is None else argv)
+    precheck_overrides("sweep", own)  # a misspelt key or unknown search name: one line, not a traceback
+    precheck_overrides("train", pick_trainer([a for a in train_args if not _is_search(a)]))
     with report_user_errors(), initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="sweep", overrides=own, return_hydra_config=True)
+        if not isinstance(cfg.n_trials, int) or cfg.n_trials < 0:
+            raise ConfigError(f"n_trials={cfg.n_trials}: must be a whole number")
         name = cfg.hydra.runtime.choices["hparams_search"]
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -122,9 +123,25 @@ def check_keys(cfg: DictConfig) -> None:
                 raise ConfigError(f"unknown config key {name}.{key} (known: {', '.join(sorted(known - {'self'}))})")
 
 
+def check_sweep_devices(cfg: DictConfig) -> None:
+    """Refuse several devices per job inside a Hydra multirun unless SLURM starts the ranks: Lightning's
+    DDP launcher re-runs sys.argv, which there is the whole sweep (docs/sweeps.md)."""
+    from charlm.errors import _in_multirun
+
+    devices, accelerator = cfg.trainer.get("devices", 1), str(cfg.trainer.get("accelerator", "auto"))
+    n = len(devices) if OmegaConf.is_list(devices) else int(devices) if str(devices).lstrip("-").isdigit() else 0
+    several = n > 1 or n == -1 or (n == 0 and accelerator != "cpu") or int(cfg.trainer.get("num_nodes", 1)) > 1
+    if several and _in_multirun() and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError(
+            f"trainer.devices={devices} in a Hydra multirun: Lightning's DDP would re-run the whole sweep in each "
+            "extra process; sweep with one device per job (trainer=gpu) or a launcher per job (hydra/launcher=slurm)"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject misspelt keys and impossible values, naming the key."""
     check_keys(cfg)
+    check_sweep_devices(cfg)
     positive = {
         "data.block_size": cfg.data.block_size, "data.batch_size": cfg.data.batch_size,
         "trainer.max_steps": cfg.trainer.max_steps,
@@ -164,8 +181,9 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     raise ConfigError(f"logger.kind={kind}: must be wandb, csv or none")
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train as `cfg` says; return (and write) the run's results."""
+def run(cfg: DictConfig, extra_callbacks: Sequence = ()) -> dict:
+    """Train as `cfg` says; return (and write) the run's results. `extra_callbacks`: more Lightning
+    callbacks (charlm.sweep's pruning)."""
     import lightning as L
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_class
@@ -233,6 +251,7 @@ def run(cfg: DictConfig) -> dict:
     bar = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50)
     callbacks = [ckpt_cb, clock.callback, bar]
     callbacks += list(getattr(dm, "callbacks", lambda: [])())  # task-specific metrics (e.g. data=recall)
+    callbacks += list(extra_callbacks)
     if cfg.get("stop_at_step"):
         callbacks.append(stop_at(int(cfg.stop_at_step)))
     if logger:
@@ -245,10 +264,18 @@ def run(cfg: DictConfig) -> dict:
         **trainer_cfg,
         logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir), enable_checkpointing=True,
+        use_distributed_sampler=False,  # val batches are sharded by rank in CharDataModule (no padded repeats)
     )
     print(f"charlm: {model_name} ({params:,} params), {len(dm.vocab)}-char vocab, "
           f"{len(dm.splits['train']):,} train / {len(dm.splits['val']):,} val chars -> {run_dir}")
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    except BaseException:
+        if logger and cfg.logger.kind == "wandb":
+            import wandb
+
+            wandb.finish(exit_code=1)  # else the next run in this process (a sweep's next job) logs into this one
+        raise
 
     if trainer.global_rank != 0:
         return {}
