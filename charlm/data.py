@@ -290,8 +290,10 @@ class CharDataModule(L.LightningDataModule):
         vocab: CharVocab | None = None,
     ):
         super().__init__()
+        if sampling == "auto":  # charlm.train resolves auto from the model; standalone, windows
+            sampling = "random"
         if sampling not in ("random", "stream"):
-            raise ValueError(f"data.sampling={sampling!r}: must be 'random' or 'stream'")
+            raise ValueError(f"data.sampling={sampling!r}: must be 'auto', 'random' or 'stream'")
         if errors not in ("strict", "replace"):
             raise ValueError(f"data.errors={errors!r}: must be 'strict' or 'replace'")
         self.path, self.name = path, name

@@ -156,6 +156,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
     if not 0 < float(cfg.data.val_fraction) < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in (0, 1)")
+    for key, allowed in (("sampling", ("auto", "random", "stream")), ("errors", ("strict", "replace"))):
+        if key in cfg.data and cfg.data[key] not in allowed:
+            raise ConfigError(f"data.{key}={cfg.data[key]}: must be one of {', '.join(allowed)}")
     if cfg.clip.algorithm not in ("norm", "value"):
         raise ConfigError(f"clip.algorithm={cfg.clip.algorithm}: must be 'norm' or 'value'")
 
@@ -215,6 +218,9 @@ def run(cfg: DictConfig, extra_callbacks: Sequence = ()) -> dict:
     resume = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     vocab = CharVocab.from_dict(resume["hyper_parameters"]["vocab"]) if resume else None
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if data_cfg.get("sampling") == "auto":  # each model class says how it learns best
+        model_cls = get_class(cfg.model._target_)
+        data_cfg["sampling"] = getattr(model_cls, "preferred_sampling", "random")
     data_cls = get_class(data_cfg.pop("_target_", "charlm.data.CharDataModule"))
     dm = data_cls(vocab=vocab, seed=cfg.seed, **data_cfg)
     dm.prepare()
@@ -230,7 +236,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence = ()) -> dict:
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
         clip=OmegaConf.to_container(cfg.clip, resolve=True),
-        carry_state=cfg.data.sampling == "stream",
+        carry_state=data_cfg["sampling"] == "stream",
         sample=OmegaConf.to_container(cfg.sample, resolve=True),
         divergence_factor=cfg.divergence_factor,
     )
@@ -300,6 +306,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence = ()) -> dict:
         "vocab_size": len(dm.vocab),
         "device": str(trainer.strategy.root_device),
         "precision": str(trainer.precision),
+        "sampling": data_cfg["sampling"],  # stream: val is also evaluated with the state carried
     }
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = str(cfg.sample.prompt).replace("\\n", "\n")

@@ -19,6 +19,7 @@ class BiRNNLM(nn.Module):
     """
 
     gpu_precision = "32-true"  # cuDNN RNN kernels: fp32 or 16-mixed, never bf16-mixed
+    preferred_sampling = "random"  # the backward direction cannot carry state forward in time
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ class GatedRNNLM(nn.Module):
     """Embedding -> CellStack -> dropout -> linear head. State: one h or (h, c) per layer."""
 
     gpu_precision = "32-true"  # custom cells: fp32 by default (16-mixed works too)
+    preferred_sampling = "stream"  # data.sampling=auto: truncated BPTT, like RNNLM
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ class RNNLM(nn.Module):
     """Embedding -> recurrent stack -> dropout -> linear head. State: h (rnn, gru) or (h, c) (lstm)."""
 
     gpu_precision = "32-true"  # cuDNN runs RNNs under bf16 autocast in fp16, unscaled: use fp32 or 16-mixed
+    preferred_sampling = "stream"  # data.sampling=auto: truncated BPTT, the state carries context past the window
 
     def __init__(
         self,

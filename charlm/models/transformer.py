@@ -94,6 +94,7 @@ class GPT(nn.Module):
     """
 
     gpu_precision = "bf16-mixed"  # flash attention and tensor cores, no loss scaling needed
+    preferred_sampling = "random"  # attention sees only its window: random windows, as nanoGPT
 
     def __init__(
         self,
