@@ -150,9 +150,9 @@ class CharLM(L.LightningModule):
     def check_finite(self) -> None:
         """Stop with a clear message if a non-finite loss or gradient was seen (one host sync)."""
         if self._bad_step is not None and (s := int(self._bad_step)) >= 0:
+            limit = f", or loss above {self.max_loss:.3g} nats" if math.isfinite(self.max_loss) else ""
             raise DivergenceError(
-                f"training diverged at step {s} (loss or gradient not finite, or loss above "
-                f"{self.max_loss:.3g} nats): stopped before saving "
+                f"training diverged at step {s} (loss or gradient not finite{limit}): stopped before saving "
                 "(the last good checkpoint is untouched); lower optim.lr or tighten clip.value"
             )
 
