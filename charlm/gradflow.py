@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -103,15 +104,7 @@ def plot_flow(curves: dict[str, dict[str, list[float]]], path: Path | None = Non
 # ---- the Lightning callback ---------------------------------------------------------------
 
 
-try:
-    import lightning as L
-
-    _Callback = L.Callback
-except ImportError:  # pragma: no cover
-    _Callback = object
-
-
-class GradFlowCallback(_Callback):
+class GradFlowCallback(L.Callback):
     """Every `every_n_val` validations, measure the gradient flow on a fixed val batch (the first
     `n_rows` rows of the first val batch), log the curve to W&B (if a WandbLogger is attached) and
     write RUN_DIR/gradflow/step_XXXXXX.json."""
@@ -139,7 +132,8 @@ class GradFlowCallback(_Callback):
         self.curves[step] = curve
         out = Path(trainer.default_root_dir) / "gradflow"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "lag_norms": curve}) + "\n")
+        record = {"step": step, "model": pl_module.hparams.get("model_name", "model"), "lag_norms": curve}
+        (out / f"step_{step:06d}.json").write_text(json.dumps(record) + "\n")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 self._log_wandb(logger, step)
@@ -163,6 +157,9 @@ def model_config(name: str, seq_len: int, sizes: dict | None = None) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    known = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+    if name not in known:
+        raise ConfigError(f"model {name!r}: no conf/model/{name}.yaml (known: {', '.join(known)})")
     overrides = [f"model={name}", f"data.block_size={seq_len}"]
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app sharing conf/
         cfg = compose(config_name="train", overrides=overrides)
@@ -213,8 +210,7 @@ def measure(cfg: DictConfig) -> dict[str, dict[str, list[float]]]:
     from charlm.checkpoint import load_charlm
     from charlm.data import CharDataModule
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     sizes = OmegaConf.to_container(cfg.model, resolve=True)
     curves: dict[str, dict[str, list[float]]] = {}
     if cfg.ckpt_path:

@@ -78,7 +78,7 @@ def stop_at(step: int):
 
 TOP_KEYS = {
     "model", "data", "trainer", "logger", "optim", "scheduler", "seed", "ckpt_path", "stop_at_step",
-    "clip", "sample", "divergence_factor",
+    "clip", "sample", "divergence_factor", "gradflow_every",
 }
 
 
@@ -258,6 +258,10 @@ def run(cfg: DictConfig, extra_callbacks: Sequence = ()) -> dict:
     callbacks = [ckpt_cb, clock.callback, bar]
     callbacks += list(getattr(dm, "callbacks", lambda: [])())  # task-specific metrics (e.g. data=recall)
     callbacks += list(extra_callbacks)
+    if cfg.get("gradflow_every"):  # the gradient-flow curve every N validations (W&B plot + RUN_DIR/gradflow/)
+        from charlm.gradflow import GradFlowCallback
+
+        callbacks.append(GradFlowCallback(every_n_val=int(cfg.gradflow_every)))
     if cfg.get("stop_at_step"):
         callbacks.append(stop_at(int(cfg.stop_at_step)))
     if logger:

@@ -1,0 +1,311 @@
+"""`python -m charlm.report [size=tiny|cpu|gpu] [out_dir=reports]`: vanishing and exploding gradients, measured.
+
+Writes OUT_DIR/gradient_flow.png/json (charlm.gradflow), clipping.png/json (experiment=clip_off vs
+clip_on, per-step loss and pre-clip gradient norm), memory_span.png/json (recall accuracy vs lag
+for each model trained on data=recall) and REPORT.md, which shows the figures and the numbers.
+Sizes come from `presets.SIZE` in conf/report.yaml (`cpu`: ~15 min on 2 cores; `tiny`: ~1 min).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from charlm.errors import CONF_DIR, ConfigError, report_user_errors
+
+
+class StepRecorder(L.Callback):
+    """Per training step: the loss and the global gradient norm before clipping."""
+
+    def __init__(self):
+        self.loss: list[float] = []
+        self.grad_norm: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # runs before CharLM clips
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.grad_norm.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.loss.append(float(loss))
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    """The train config with `overrides`, inside this Hydra app or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def fit(overrides: list[str], sizes: dict, device: str, callbacks: list = (), seed: int = 1337):
+    """Train CharLM as charlm.train would for `overrides`, without checkpoints or loggers.
+    Model keys in `sizes` replace the model config's where it has them. Returns (module, dm, callbacks)."""
+    from hydra.utils import get_class
+
+    from charlm.module import CharLM
+
+    trainer_name = "gpu" if device == "cuda" else "cpu"
+    cfg = _compose([f"trainer={trainer_name}", "logger=none", f"seed={seed}", *overrides])
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = get_class(data_cfg.pop("_target_", "charlm.data.CharDataModule"))(seed=cfg.seed, **data_cfg)
+    dm.prepare()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("compile", None)
+    model_cfg.update({k: v for k, v in sizes.items() if k in model_cfg})
+    L.seed_everything(cfg.seed, verbose=False)
+    module = CharLM(
+        model=model_cfg, vocab=dm.vocab.to_dict(), model_name=cfg.model._target_.rsplit(".", 1)[-1],
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        clip=OmegaConf.to_container(cfg.clip, resolve=True), carry_state=cfg.data.sampling == "stream",
+        sample={"n_chars": 0}, divergence_factor=cfg.divergence_factor,
+    )
+    callbacks = [*callbacks, *getattr(dm, "callbacks", lambda: [])()]
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("precision") == "auto":  # as charlm.train: the model class says what its kernels want
+        gpu_precision = getattr(type(module.model), "gpu_precision", "32-true")
+        trainer_cfg["precision"] = gpu_precision if device == "cuda" else "32-true"
+    trainer = L.Trainer(
+        **trainer_cfg, logger=False, callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, dm, callbacks
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---- the three studies ----------------------------------------------------------------------
+
+
+def gradient_flow_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
+    """conf/gradflow.yaml's defaults with the preset's `gradflow` section, written by charlm.gradflow."""
+    from charlm import gradflow
+
+    gf = OmegaConf.load(Path(CONF_DIR) / "gradflow.yaml")
+    gf = OmegaConf.masked_copy(gf, [k for k in gf if k not in ("defaults", "hydra")])
+    gf = OmegaConf.merge(gf, preset.gradflow, {"models": cfg.models, "device": cfg.device, "seed": cfg.seed})
+    curves = gradflow.measure(gf)
+    gradflow.write(curves, out, f"Gradient flow, seq_len {gf.seq_len}, init (dashed) vs {gf.steps} steps (solid)")
+    return {"seq_len": gf.seq_len, "steps": gf.steps, "curves": curves}
+
+
+def clipping_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
+    """experiment=clip_off and clip_on; the unclipped run's DivergenceError ends its curve."""
+    from charlm.module import DivergenceError
+
+    runs = {}
+    for name in ("clip_off", "clip_on"):
+        rec = StepRecorder()
+        overrides = [f"experiment={name}", f"trainer.max_steps={preset.clip.max_steps}",
+                     f"trainer.val_check_interval={preset.clip.max_steps}"]
+        error = None
+        try:
+            fit(overrides, {}, cfg.device, [rec], cfg.seed)
+        except DivergenceError as e:  # the message names the step; the loss or gradient was NaN/inf
+            error = "diverged at step " + (re.findall(r"step (\d+)", str(e)) or ["?"])[0]
+        clip_value = float(_compose([f"experiment={name}"]).clip.value)
+        runs[name] = {"loss": rec.loss, "grad_norm": rec.grad_norm, "clip": clip_value, "diverged": error}
+        print(f"report: {name}: {len(rec.loss)} steps, loss {rec.loss[0]:.2f} -> {rec.loss[-1]:.3g}"
+              + (f" ({error})" if error else ""))
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, r) in enumerate(runs.items()):
+        steps = range(1, len(r["loss"]) + 1)
+        loss = [v if math.isfinite(v) else float("nan") for v in r["loss"]]
+        label = f"{name} (clip {r['clip']:g})" if r["clip"] else f"{name} (no clipping)"
+        ax1.plot(steps, loss, color=f"C{i}", label=label)
+        ax2.plot(range(1, len(r["grad_norm"]) + 1), r["grad_norm"], color=f"C{i}", label=label)
+        if r["diverged"]:
+            ax1.axvline(len(r["loss"]), color=f"C{i}", ls=":", label=f"{name}: {r['diverged']}")
+        if r["clip"]:
+            ax2.axhline(r["clip"], color=f"C{i}", ls="--", lw=0.8, label=f"clip threshold {r['clip']:g}")
+    ax1.set(yscale="log", xlabel="step", ylabel="train loss (nats)", title="Loss with and without clipping")
+    ax2.set(yscale="log", xlabel="step", ylabel="global grad norm before clipping", title="Gradient norm")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "clipping.png", dpi=120)
+    plt.close(fig)
+    (out / "clipping.json").write_text(json.dumps(runs) + "\n")
+    return runs
+
+
+def memory_span_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
+    """Each model trained on data=recall, then scored at every lag of the ladder."""
+    from charlm.recall import RecallAccuracy, lag_accuracy
+
+    rp = preset.recall
+    data = [f"data.{k}={v}" for k, v in rp.data.items()]
+    sizes = OmegaConf.to_container(rp.model, resolve=True)
+    models, dm = {}, None
+    for name in cfg.models:
+        t0 = time.perf_counter()
+        overrides = [f"model={name}", "data=recall", *data, f"trainer.max_steps={rp.steps}",
+                     f"trainer.val_check_interval={rp.steps}", f"optim.lr={rp.lr.get(name, rp.lr.default)}"]
+        module, dm, cbs = fit(overrides, sizes, cfg.device, seed=cfg.seed)
+        acc = [lag_accuracy(module.model, dm.vocab, lag, dm.n_symbols, dm.n_fillers, rp.n_eval, cfg.seed)
+               for lag in rp.lags]
+        passed = [lag for lag, a in zip(rp.lags, acc) if a >= cfg.span_threshold]
+        val_acc = next(cb for cb in cbs if isinstance(cb, RecallAccuracy)).history[-1][1]
+        models[name] = {"accuracy": acc, "span": max(passed) if passed else None, "val_recall_acc": val_acc,
+                        "params": sum(p.numel() for p in module.model.parameters()),
+                        "seconds": time.perf_counter() - t0}
+        print(f"report: recall {name}: span {'none' if not passed else max(passed)}, accuracy by lag "
+              + " ".join(f"{lag}:{a:.2f}" for lag, a in zip(rp.lags, acc)))
+    task = {"lags": list(rp.lags), "threshold": cfg.span_threshold, "steps": rp.steps, "n_eval": rp.n_eval,
+            **{k: getattr(dm, k) for k in ("n_symbols", "n_fillers", "min_lag", "max_lag", "lag_dist", "block_size")}}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, r) in enumerate(models.items()):  # shrinking markers: curves that coincide stay visible
+        span = "none" if r["span"] is None else r["span"]
+        ax.plot(task["lags"], r["accuracy"], "o-", ms=10 - 2 * (i % 4), lw=2.5 - 0.5 * (i % 4), color=f"C{i}",
+                label=f"{name} (span {span})")
+    ax.axhline(cfg.span_threshold, color="gray", ls="--", lw=0.8, label=f"threshold {cfg.span_threshold:g}")
+    ax.axhline(1 / task["n_symbols"], color="gray", ls=":", lw=0.8, label="chance")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set(xlabel="lag (fillers between the symbol and the cue)", ylabel="recall accuracy",
+           title=f"Memory span (data=recall, {rp.steps} steps, lags {task['min_lag']}..{task['max_lag']})",
+           xlim=(-0.3, max(task["lags"]) * 1.15), ylim=(0, 1.05))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory_span.png", dpi=120)
+    plt.close(fig)
+    results = {"task": task, "models": models}
+    (out / "memory_span.json").write_text(json.dumps(results) + "\n")
+    return results
+
+
+# ---- REPORT.md ------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """One line: CPU/GPU, cores, OS, torch version."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {gpu}, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def _ratio(curve: list[float], k: int) -> str:
+    """curve[k] / curve[0] in short scientific notation ("-" when there is no curve)."""
+    if not curve or curve[0] <= 0 or k >= len(curve):
+        return "-"
+    return f"{curve[k] / curve[0]:.1e}" if curve[k] > 0 else "0 (underflow)"
+
+
+def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict, seconds: dict) -> None:
+    """REPORT.md: how and where it was made, the three figures, and their numbers as tables."""
+    T = gf["seq_len"]
+    lags = sorted({min(10, T - 1), T // 2, T - 1})
+    md = [
+        "# Vanishing and exploding gradients, measured", "",
+        f"Generated by `python -m charlm.report size={cfg.size}` on {datetime.now():%Y-%m-%d %H:%M} in "
+        f"{sum(seconds.values()) / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}).  ",
+        f"Machine: {machine()}.", "",
+        "## Gradient flow over time", "",
+        f"Norm of the gradient of the loss at the last of {T} positions with respect to the embedding output "
+        f"k positions earlier, averaged over tiny-shakespeare val windows; each model freshly initialised "
+        f"(dashed) and after {gf['steps']} training steps (solid). A curve ends where the norm underflows "
+        f"float32 to 0.", "",
+        "![gradient flow](gradient_flow.png)", "",
+        "| model | " + " | ".join(f"lag {k} / lag 0 at init | trained" for k in lags) + " |",
+        "|---|" + "---|---|" * len(lags),
+    ]
+    for name, c in gf["curves"].items():
+        md.append(f"| {name} | " + " | ".join(f"{_ratio(c['init'], k)} | {_ratio(c['trained'], k)}" for k in lags)
+                  + " |")
+    md += ["", "## Clipping", "",
+           "`experiment=clip_off` vs `experiment=clip_on` (conf/experiment/): a ReLU RNN trained with SGD at a high "
+           "learning rate; the two runs differ only in `clip.value`.", "", "![clipping](clipping.png)", "",
+           "| run | clip.value | steps | first loss | last loss | max grad norm before clipping | outcome |",
+           "|---|---|---|---|---|---|---|"]
+    for name, r in clip.items():
+        finite = [v for v in r["grad_norm"] if math.isfinite(v)] or [float("nan")]
+        md.append(f"| {name} | {r['clip']:g} | {len(r['loss'])} | {r['loss'][0]:.2f} | {r['loss'][-1]:.3g} | "
+                  f"{max(finite):.3g} | {r['diverged'] or 'trained'} |")
+    task = span["task"]
+    md += ["", "## Memory span", "",
+           f"`data=recall`: episodes of a symbol, `lag` random fillers, the cue `?` and the symbol again. Each "
+           f"model is trained for {task['steps']} steps on lags {task['min_lag']}..{task['max_lag']} "
+           f"({task['lag_dist']}, {task['n_symbols']} symbols, {task['n_fillers']} fillers), then scored after the "
+           f"cue on {task['n_eval']} fresh episodes per lag. Span: the largest lag with accuracy >= "
+           f"{task['threshold']:g} (chance: {1 / task['n_symbols']:.2f}).", "",
+           "![memory span](memory_span.png)", "",
+           "| model | params | span | val/recall_acc | " + " | ".join(f"lag {g}" for g in task["lags"]) + " |",
+           "|---|---|---|---|" + "---|" * len(task["lags"])]
+    for name, r in span["models"].items():
+        s = "none" if r["span"] is None else f"{r['span']}" + (" (all tested)" if r["span"] == task["lags"][-1] else "")
+        md.append(f"| {name} | {r['params']:,} | {s} | {r['val_recall_acc']:.3f} | "
+                  + " | ".join(f"{a:.2f}" for a in r["accuracy"]) + " |")
+    (out / "REPORT.md").write_text("\n".join(md) + "\n")
+
+
+def main() -> None:
+    import hydra
+
+    from charlm.errors import precheck_overrides
+
+    precheck_overrides("report", sys.argv[1:])
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
+    def _main(cfg: DictConfig) -> None:
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
+        with report_user_errors():
+            if cfg.size not in cfg.presets:
+                raise ConfigError(f"size={cfg.size}: must be one of {', '.join(cfg.presets)}")
+            if cfg.device == "auto":
+                cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+            preset = cfg.presets[cfg.size]
+            out = Path(cfg.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            seconds, t0 = {}, time.perf_counter()
+            gf = gradient_flow_study(cfg, preset, out)
+            seconds["gradient flow"], t0 = time.perf_counter() - t0, time.perf_counter()
+            clip = clipping_study(cfg, preset, out)
+            seconds["clipping"], t0 = time.perf_counter() - t0, time.perf_counter()
+            span = memory_span_study(cfg, preset, out)
+            seconds["memory span"] = time.perf_counter() - t0
+            write_markdown(cfg, out, gf, clip, span, seconds)
+            print(f"report: wrote {out}/REPORT.md in {sum(seconds.values()) / 60:.1f} min")
+
+    _main()
+
+
+if __name__ == "__main__":
+    from charlm.report import main as _main
+
+    _main()
