@@ -74,7 +74,9 @@ def test_chinese_corpus_with_thousands_of_characters(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["vocab_size"] > 2900
-    out = run_cli("charlm.sample", f"ckpt_path={results['best_ckpt']}", f"prompt={chars[0]}{chars[1]}", "n_chars=10", "seed=1").stdout
+    prompt = chars[0] + chars[1]
+    ckpt = results["best_ckpt"]
+    out = run_cli("charlm.sample", f"ckpt_path={ckpt}", f"prompt={prompt}", "n_chars=10", "seed=1").stdout
     assert out.startswith(chars[0] + chars[1]) and len(out.strip()) >= 10
 
 

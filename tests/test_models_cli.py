@@ -4,7 +4,6 @@ import csv
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
