@@ -110,10 +110,13 @@ def load_text(path: str | None, errors: str = "strict") -> str:
 
 
 class RandomWindows(IterableDataset):
-    """Endless (x, y) batches of `batch_size` windows at random offsets; batch k depends on (seed, k) only."""
+    """Endless (x, y) batches of `batch_size` windows at random offsets; batch k depends on (seed, k) only.
+    `starts`, if given, lists the offsets a window may start at (e.g. episode starts in data=recall)."""
 
-    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, seed: int, start: int = 0):
+    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, seed: int, start: int = 0,
+                 starts: torch.Tensor | None = None):
         self.ids, self.block_size, self.batch_size, self.seed, self.start = ids, block_size, batch_size, seed, start
+        self.starts = starts
 
     def __iter__(self):
         g = torch.Generator()
@@ -121,7 +124,10 @@ class RandomWindows(IterableDataset):
         k = self.start
         while True:
             g.manual_seed(self.seed * 1_000_003 + k)
-            ix = torch.randint(len(self.ids) - self.block_size - 1, (self.batch_size,), generator=g)
+            if self.starts is None:
+                ix = torch.randint(len(self.ids) - self.block_size - 1, (self.batch_size,), generator=g)
+            else:
+                ix = self.starts[torch.randint(len(self.starts), (self.batch_size,), generator=g)]
             w = self.ids[ix[:, None] + offsets].long()  # (B, T+1)
             yield w[:, :-1], w[:, 1:]
             k += 1

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from charlm.data import CharDataModule, CorpusError
+from charlm.data import CharDataModule, CorpusError, RandomWindows
 from charlm.vocab import CharVocab
 
 SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -133,27 +133,6 @@ def episode_starts(ids: torch.Tensor, sep_id: int, block_size: int) -> torch.Ten
     return starts
 
 
-class EpisodeWindows(IterableDataset):
-    """Endless (x, y) batches of windows that start at an episode: x[:, 0] is a newline, x[:, 1] a symbol.
-    Batch k depends on (seed, k) only, as CharDataModule's random windows."""
-
-    def __init__(self, ids: torch.Tensor, starts: torch.Tensor, block_size: int, batch_size: int, seed: int,
-                 start: int = 0):
-        self.ids, self.starts, self.block_size, self.batch_size = ids, starts, block_size, batch_size
-        self.seed, self.start = seed, start
-
-    def __iter__(self):
-        g = torch.Generator()
-        offsets = torch.arange(self.block_size + 1)
-        k = self.start
-        while True:
-            g.manual_seed(self.seed * 1_000_003 + k)
-            ix = self.starts[torch.randint(len(self.starts), (self.batch_size,), generator=g)]
-            w = self.ids[ix[:, None] + offsets].long()  # (B, T+1)
-            yield w[:, :-1], w[:, 1:]
-            k += 1
-
-
 class EpisodeEvalBatches(Dataset):
     """A deterministic pass: windows that start at an episode, each the first such start at or after
     the previous window's end, `batch_size` windows per item."""
@@ -247,7 +226,7 @@ class RecallDataModule(CharDataModule):
         ids = self.splits["train"]
         rank = self.trainer.global_rank if self.trainer is not None else 0
         starts = episode_starts(ids, self.vocab.stoi[SEP], self.block_size)
-        return EpisodeWindows(ids, starts, self.block_size, self.batch_size, self.seed + 7919 * rank, start)
+        return RandomWindows(ids, self.block_size, self.batch_size, self.seed + 7919 * rank, start, starts=starts)
 
     def val_dataloader(self) -> DataLoader:
         if not self.aligned or self.sampling == "stream":
