@@ -1,44 +1,13 @@
-"""Checkpoints: atomic writes, and safe loads (`weights_only=True`) with clear errors."""
+"""Checkpoints: safe loads (`weights_only=True`) with clear errors, and the model alone without Lightning
+(sampling starts fast). Writing is atomic (`charlm.build.AtomicCheckpointIO`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-class CheckpointError(ValueError):
-    """A file that cannot be used as a charlm checkpoint."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temp file in the same folder, fsync, then `os.replace`: a crash never leaves half a file."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return read_checkpoint(path, map_location=map_location or "cpu")
+from charlm.errors import CheckpointError
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
@@ -60,11 +29,16 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_charlm(path, map_location="cpu"):
-    """Rebuild a CharLM (model + vocab) from a checkpoint, on CPU by default."""
-    from charlm.module import CharLM
+def load_model(path, map_location="cpu"):
+    """(model in eval mode, vocab, hyper-parameters) from a checkpoint, built with Hydra's instantiate
+    alone: no Lightning import, for fast sampling."""
+    from charlm.models.contract import build_model
+    from charlm.vocab import CharVocab
 
     ckpt = read_checkpoint(path, map_location)
-    module = CharLM(**ckpt["hyper_parameters"])
-    module.load_state_dict(ckpt["state_dict"])
-    return module.eval()
+    hp = ckpt["hyper_parameters"]
+    vocab = CharVocab.from_dict(hp["vocab"])
+    model = build_model(hp["model"], len(vocab))
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    return model.eval(), vocab, hp

@@ -6,8 +6,10 @@ batches the uninterrupted run would have drawn: the data position is the step co
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -18,15 +20,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, IterableDataset
 
+from charlm.atomic import atomic_path, write_json
+from charlm.errors import CorpusError, UnknownCharError
 from charlm.vocab import CharVocab
+from charlm.yardstick import Batch, eval_dataset
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".html", ".py")
-
-
-class CorpusError(ValueError):
-    """The corpus cannot be used: missing, empty, binary, too short..."""
 
 
 def embedded_corpus(name: str = "tinyshakespeare") -> str:
@@ -101,14 +102,6 @@ def iter_text(ds, chars_per_chunk: int = 1 << 23):
         yield "".join(batch["text"])
 
 
-def load_text(path: str | None, errors: str = "strict") -> str:
-    """The whole corpus as one string (small corpora; training goes through `encode_corpus`)."""
-    text = "".join(iter_text(load_lines(path, errors)))
-    if not text:
-        raise CorpusError(f"{path or 'corpus'}: empty")
-    return text
-
-
 class RandomWindows(IterableDataset):
     """Endless (x, y) batches of `batch_size` windows at random offsets; batch k depends on (seed, k) only.
     `starts`, if given, lists the offsets a window may start at (e.g. episode starts in data=recall)."""
@@ -129,81 +122,38 @@ class RandomWindows(IterableDataset):
             else:
                 ix = self.starts[torch.randint(len(self.starts), (self.batch_size,), generator=g)]
             w = self.ids[ix[:, None] + offsets].long()  # (B, T+1)
-            yield w[:, :-1], w[:, 1:]
+            yield Batch(w[:, :-1], w[:, 1:], True)
             k += 1
 
 
 class Streams(IterableDataset):
-    """Endless (x, y) batches from `batch_size` contiguous streams: row b of batch k follows row b of batch k-1.
+    """Endless Batch(x, y, reset) from contiguous streams: row b of batch k follows row b of batch k-1.
 
-    The corpus is cut into B equal streams (as char-rnn and word_language_model do); a model
+    The corpus is cut into `batch_size * world` equal streams (as char-rnn and word_language_model
+    do); rank r trains rows r*B..(r+1)*B-1, so under DDP every rank has its own streams. A model
     that carries its state across batches sees each stream as one long sequence (truncated BPTT).
     """
 
-    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, start: int = 0):
-        n = (len(ids) - 1) // batch_size
+    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int, start: int = 0, rank: int = 0,
+                 world: int = 1):
+        n = (len(ids) - 1) // (batch_size * world)
         if n < block_size + 1:
-            raise CorpusError(f"train split too short for {batch_size} streams of block_size {block_size}")
+            raise CorpusError(f"train split too short for {batch_size * world} streams of block_size {block_size}")
         self.ids, self.block_size, self.batch_size, self.start = ids, block_size, batch_size, start
         self.stream_len = n
+        self.first_row = rank * batch_size
         self.chunks = (n - 1) // block_size  # chunks per pass over the streams
 
     def __iter__(self):
-        rows = torch.arange(self.batch_size)[:, None] * self.stream_len
+        rows = (self.first_row + torch.arange(self.batch_size))[:, None] * self.stream_len
         offsets = torch.arange(self.block_size + 1)
         k = self.start
         while True:
             pos = (k % self.chunks) * self.block_size
             w = self.ids[rows + pos + offsets].long()  # (B, T+1)
             reset = pos == 0  # a new pass over the streams: carried state must be dropped (a bool: no sync)
-            yield w[:, :-1], w[:, 1:], reset
+            yield Batch(w[:, :-1], w[:, 1:], reset)
             k += 1
-
-
-class EvalBatches(Dataset):
-    """Every consecutive window of a split, in order, `batch_size` windows per item: a full deterministic
-    pass. The tail that does not fill a window becomes a last, shorter batch of one row."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int):
-        self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
-        self.n_full = (len(ids) - 1) // block_size
-        self.tail = (len(ids) - 1) % block_size
-        self.n_batches = -(-self.n_full // batch_size) + (1 if self.tail else 0)
-
-    def __len__(self) -> int:
-        return self.n_batches
-
-    def __getitem__(self, i: int):
-        T = self.block_size
-        first = i * self.batch_size
-        if first >= self.n_full:  # the tail
-            w = self.ids[self.n_full * T :].long()[None]  # (1, tail+1)
-        else:
-            rows = torch.arange(first, min(first + self.batch_size, self.n_full))[:, None] * T
-            w = self.ids[rows + torch.arange(T + 1)].long()  # (b, T+1)
-        return w[:, :-1], w[:, 1:]
-
-
-class EvalStreams(Dataset):
-    """A full deterministic pass as `batch_size` contiguous streams, chunk after chunk: a model that
-    carries its state through them is evaluated with all the context before each character (as it
-    was trained in stream mode). Item i is (x, y, reset) with reset true for the first chunk."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int, batch_size: int):
-        self.batch_size = max(1, min(batch_size, (len(ids) - 1) // block_size))
-        self.stream_len = (len(ids) - 1) // self.batch_size
-        self.ids, self.block_size = ids, block_size
-        self.n = -(-self.stream_len // block_size)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        start = i * self.block_size
-        T = min(self.block_size, self.stream_len - start)
-        rows = torch.arange(self.batch_size)[:, None] * self.stream_len
-        w = self.ids[rows + start + torch.arange(T + 1)].long()  # (B, T+1)
-        return w[:, :-1], w[:, 1:], i == 0
 
 
 def cache_dir() -> Path:
@@ -231,12 +181,62 @@ def corpus_key(files: list[str], errors: str) -> str:
     return h.hexdigest()[:32]
 
 
+CACHE_FORMAT = 2  # bump when the cache layout changes: older entries are rebuilt
+
+
+def _read_fresh(files: list[str], errors: str, h, chunk_bytes: int = 1 << 23):
+    """The corpus text in chunks, read from the files themselves (never through the `datasets` cache, which
+    knows local files by path and mtime only), decoded as `datasets`' "text" loader decodes them (UTF-8,
+    universal newlines). Every byte read also goes into the hash `h`, as `corpus_key` hashes it."""
+    h.update(errors.encode())
+    for f in files:
+        dec = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(errors), translate=True)
+        pos = 0
+        with open(f, "rb") as fh:
+            while True:
+                data = fh.read(chunk_bytes)
+                h.update(data)
+                pending = len(dec.getstate()[0])  # bytes of a character cut at the previous chunk's end
+                try:
+                    text = dec.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    raise CorpusError(
+                        f"{f}: not UTF-8 ({e.reason} at byte {pos - pending + e.start}); "
+                        "pass data.errors=replace to read it anyway"
+                    ) from None
+                pos += len(data)
+                if text:
+                    yield text
+                if not data:
+                    break
+        h.update(b"\0end-of-file\0")
+
+
+def _cached_ids(ids_path: Path, vocab_path: Path, meta_path: Path, key: str):
+    """(vocab, ids) from the cache, or None when an entry is missing, unreadable or does not match its meta
+    (length, dtype, vocabulary size): such an entry is rebuilt, never trusted."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        vocab = CharVocab.from_dict(json.loads(vocab_path.read_text()))
+        ids = np.load(ids_path, mmap_mode="r")
+    except (OSError, ValueError, EOFError, KeyError, TypeError):
+        return None
+    ok = (
+        isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and meta.get("key") == key
+        and meta.get("vocab_size") == len(vocab) and meta.get("dtype") == vocab.id_dtype.name
+        and ids.dtype == vocab.id_dtype and ids.ndim == 1 and ids.shape[0] == meta.get("n")
+    )
+    return (vocab, ids) if ok else None
+
+
 def encode_corpus(path: str | None, errors: str = "strict") -> tuple[CharVocab, torch.Tensor]:
     """The corpus's own vocabulary and its ids, encoded once per content hash and memory-mapped after.
 
-    Two passes over the Arrow-backed lines, a chunk at a time (vocabulary and length, then ids written
-    into a memory-mapped `.npy`), so memory stays flat whatever the corpus size. The ids are stored
-    compactly (uint8, or int32 past 256 characters) in `cache_dir()/HASH.ids.npy`.
+    On a cache miss the files are read fresh, twice, a chunk at a time (vocabulary and length, then ids
+    written into a memory-mapped `.npy`), so memory stays flat whatever the corpus size. The ids are stored
+    compactly (uint8, uint16 or int32 following the vocabulary size) in `cache_dir()/HASH.ids.npy`, with the
+    vocabulary and a meta file (length, dtype) beside them; every file is written atomically, the meta last.
+    A cache entry whose ids do not match its meta is rebuilt.
     """
     files = resolve_files(path or embedded_corpus())
     _check_readable(files, errors)
@@ -250,31 +250,42 @@ def encode_corpus(path: str | None, errors: str = "strict") -> tuple[CharVocab, 
     except OSError:  # read-only home: encode into a temporary folder
         folder = Path(tempfile.mkdtemp(prefix="charlm-"))
     ids_path, vocab_path = folder / f"{key}.ids.npy", folder / f"{key}.vocab.json"
-    if not (ids_path.exists() and vocab_path.exists()):
-        ds = load_lines(path, errors)
-        points, n = set(), 0
-        for chunk in iter_text(ds):
-            cp = np.frombuffer(chunk.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
-            points.update(np.unique(cp).tolist())
-            n += len(cp)
-        if n == 0:
-            raise CorpusError(f"{path or 'corpus'}: empty")
-        vocab = CharVocab([chr(p) for p in sorted(points)])
-        dtype = np.uint8 if len(vocab) <= 256 else np.int32
-        tmp = ids_path.with_name(f".{ids_path.name}.{os.getpid()}.tmp.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,))
+    meta_path = folder / f"{key}.meta.json"
+    cached = _cached_ids(ids_path, vocab_path, meta_path, key)
+    if cached is not None:
+        return cached[0], _torch_ids(cached[1])
+    changed = CorpusError(f"{path or 'corpus'}: changed while it was being read; run again")
+    h = hashlib.sha256()
+    points, n = set(), 0
+    for chunk in _read_fresh(files, errors, h):
+        cp = np.frombuffer(chunk.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
+        points.update(np.unique(cp).tolist())
+        n += len(cp)
+    if h.hexdigest()[:32] != key:
+        raise changed
+    if n == 0:
+        raise CorpusError(f"{path or 'corpus'}: empty")
+    vocab = CharVocab([chr(p) for p in sorted(points)])
+    h = hashlib.sha256()
+    with atomic_path(ids_path, suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.id_dtype, shape=(n,))
         pos = 0
-        for chunk in iter_text(ds):
-            ids = vocab.encode_array(chunk)
+        for chunk in _read_fresh(files, errors, h):
+            try:
+                ids = vocab.encode_array(chunk)
+            except UnknownCharError:
+                raise changed from None
+            if pos + len(ids) > n:
+                raise changed
             out[pos : pos + len(ids)] = ids
             pos += len(ids)
         out.flush()
         del out
-        os.replace(tmp, ids_path)
-        tmp = vocab_path.with_name(f".{vocab_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(vocab.to_dict()))
-        os.replace(tmp, vocab_path)
-    vocab = CharVocab.from_dict(json.loads(vocab_path.read_text()))
+        if pos != n or h.hexdigest()[:32] != key:
+            raise changed
+    write_json(vocab_path, vocab.to_dict())
+    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": n, "dtype": vocab.id_dtype.name,
+                           "vocab_size": len(vocab)})
     return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
 
 
@@ -287,7 +298,6 @@ class CharDataModule(L.LightningDataModule):
         name: str = "text",
         block_size: int = 64,
         batch_size: int = 32,
-        eval_batch_size: int = 128,
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         sampling: str = "random",
@@ -303,7 +313,9 @@ class CharDataModule(L.LightningDataModule):
         if errors not in ("strict", "replace"):
             raise ValueError(f"data.errors={errors!r}: must be 'strict' or 'replace'")
         self.path, self.name = path, name
-        self.block_size, self.batch_size, self.eval_batch_size = block_size, batch_size, eval_batch_size
+        self.block_size, self.batch_size = block_size, batch_size
+        self.eval_cfg = {"context_size": None, "streams": 8, "chunk": 256, "stride": None, "batch_size": 64,
+                         "max_chars": None}
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.sampling, self.errors, self.seed = sampling, errors, seed
         self.vocab = vocab
@@ -341,9 +353,9 @@ class CharDataModule(L.LightningDataModule):
     def train_dataset(self, start: int = 0) -> IterableDataset:
         """Training batches starting at batch index `start` (the global step, on resume)."""
         ids = self.splits["train"]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if self.sampling == "stream":
-            return Streams(ids, self.block_size, self.batch_size, start)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+            return Streams(ids, self.block_size, self.batch_size, start, rank, world)
         return RandomWindows(ids, self.block_size, self.batch_size, self.seed + 7919 * rank, start)
 
     def train_dataloader(self) -> DataLoader:
@@ -351,14 +363,33 @@ class CharDataModule(L.LightningDataModule):
         # own generators: creating an iterator must not draw from the global RNG (exact resume)
         return DataLoader(self.train_dataset(start), batch_size=None, generator=torch.Generator())
 
+    def configure_eval(self, context_size: int | None = None, streams: int = 8, chunk: int = 256,
+                       stride: int | None = None, batch_size: int = 64, max_chars: int | None = None, **_) -> None:
+        """How the yardstick scores the val/test split (`charlm.yardstick`): `context_size` None for
+        streams with the state carried, else a sliding window of that many characters."""
+        self.eval_cfg = {"context_size": context_size, "streams": streams, "chunk": chunk, "stride": stride,
+                         "batch_size": batch_size, "max_chars": max_chars}
+
+    def eval_ids(self, split: str) -> torch.Tensor:
+        """The characters the yardstick scores: the split, or its first `eval.max_chars`."""
+        ids = self.splits[split]
+        n = self.eval_cfg["max_chars"]
+        return ids[:n] if n else ids
+
+    def eval_dataset(self, split: str = "val", rank: int = 0, world: int = 1):
+        """The yardstick's batches over `split`; under DDP each rank its own streams or windows."""
+        c = self.eval_cfg
+        return eval_dataset(self.eval_ids(split), c["context_size"], c["streams"], c["chunk"], c["stride"],
+                            c["batch_size"], rank, world)
+
     def _eval_loader(self, split: str) -> DataLoader:
-        if self.sampling == "stream":
-            ds = EvalStreams(self.splits[split], self.block_size, self.batch_size)
-        else:
-            ds = EvalBatches(self.splits[split], self.block_size, self.eval_batch_size)
-            if self.trainer is not None and self.trainer.world_size > 1:  # each batch on one rank once, no padding
-                ds = Subset(ds, range(self.trainer.global_rank, len(ds), self.trainer.world_size))
-        return DataLoader(ds, batch_size=None, shuffle=False, generator=torch.Generator())
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return DataLoader(self.eval_dataset(split, rank, world), batch_size=None, shuffle=False,
+                          generator=torch.Generator())
+
+    def callbacks(self) -> list:
+        """Task-specific Lightning callbacks (metrics) a data module adds to training; none for text."""
+        return []
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

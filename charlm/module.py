@@ -1,8 +1,9 @@
 """CharLM: the LightningModule that trains any model of the one interface on next-character prediction.
 
-Nothing in this file knows which architecture it trains: it sees `logits, state = model(idx, state)`.
-A model may add `aux_losses(idx, targets) -> {name: loss}` (the bidirectional LM's backward
-direction does); they are added to the training loss and logged under their names.
+Nothing in this file knows which architecture it trains: it sees `logits, state = model(idx, state)`
+and the optional parts of the contract through `capabilities(model)` (auxiliary losses are added to
+the training loss and logged under their names). Validation is the yardstick (`charlm.yardstick`):
+every character scored once, the state carried between batches unless a batch says `reset`.
 """
 
 from __future__ import annotations
@@ -15,24 +16,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.utils._pytree import tree_map
 
+from charlm.checkpoint import read_checkpoint
+from charlm.errors import DivergenceError
+from charlm.generate import generate
+from charlm.models.contract import build_model, capabilities
+from charlm.rng import rng_state, set_rng_state
 from charlm.vocab import CharVocab
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or gradient."""
-
-
-def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.1):
-    """Linear warmup then cosine decay to `min_lr_ratio * lr`, from torch's own schedulers."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
-    base_lr = optimizer.param_groups[0]["lr"]
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=base_lr * min_lr_ratio)
-    if warmup_steps == 0:
-        return cosine
-    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+from charlm.yardstick import IGNORE
 
 
 def _detach(state):
@@ -62,7 +52,8 @@ class CharLM(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False  # one path for random windows and truncated BPTT streams
         self.vocab = CharVocab.from_dict(vocab)
-        self.model = instantiate(model, vocab_size=len(self.vocab), _convert_="all")
+        self.model = build_model(model, len(self.vocab))
+        self.caps = capabilities(self.model)
         self.clip = {"algorithm": "norm", "value": 1.0, **(clip or {})}
         self.carry_state = carry_state
         self._state = None  # carried across batches in stream mode
@@ -81,15 +72,13 @@ class CharLM(L.LightningModule):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # (B*T, V) vs (B*T,)
 
     def training_step(self, batch, batch_idx):
-        x, y, *rest = batch
-        state = None
-        if self.carry_state and not (rest and rest[0]):  # rest[0]: a Python bool, no host sync
-            state = self._state
+        x, y, reset = batch  # reset: a Python bool (no host sync)
+        log_now = self._log_now()
+        state = self._state if self.carry_state and not reset else None
         logits, state = self.model(x, state)
         loss = self._loss(logits, y)
         total = loss
-        aux_losses = getattr(self.model, "aux_losses", None)
-        aux = aux_losses(x, y) if aux_losses is not None else {}
+        aux = self.caps.aux_losses(x, y) if self.caps.aux_losses is not None else {}
         for v in aux.values():
             total = total + v
         self._flag_nonfinite(loss, self.max_loss)
@@ -104,7 +93,7 @@ class CharLM(L.LightningModule):
         if self.carry_state:
             self._state = _detach(state)  # truncated BPTT: gradient stops at the chunk boundary
 
-        if self._log_now():
+        if log_now:
             self.log("train/loss", loss)
             self.log("loss", loss, prog_bar=True, logger=False)  # the bar's copy
             for name, v in aux.items():
@@ -112,10 +101,10 @@ class CharLM(L.LightningModule):
         return loss
 
     def _log_now(self) -> bool:
-        """True on the steps whose metrics Lightning writes (every `log_every_n_steps`). Logging only
-        then saves the per-call cost of `self.log` and the progress bar's host sync on other steps."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        """True on the steps whose metrics Lightning writes (every `log_every_n_steps`, counted before
+        this step's optimizer step). Logging only then saves the per-call cost of `self.log` and the
+        progress bar's host sync on other steps."""
+        return (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip (grads are already unscaled here under AMP) and log the pre-clip global norm."""
@@ -131,13 +120,16 @@ class CharLM(L.LightningModule):
         self.clip_count += clipped.long()
         if not self._uses_grad_scaler():
             self._flag_nonfinite(norm)
-        if self._log_now():  # the running fraction counts every step; only the writing is periodic
+        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:  # as _log_now
             self.log("train/grad_norm", norm)
             self.log("train/clipped", clipped.float())
             self.log("train/clip_frac", self.clip_count.float() / (self.trainer.global_step + 1))
 
     def _uses_grad_scaler(self) -> bool:
-        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self.trainer.precision_plugin
+        return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
 
     def _flag_nonfinite(self, value: torch.Tensor, limit: float = math.inf) -> None:
         """Record (without a host sync) the first step whose loss or gradient was not finite (or above `limit`)."""
@@ -148,8 +140,16 @@ class CharLM(L.LightningModule):
         self._bad_step = torch.where(bad, torch.full_like(self._bad_step, self.trainer.global_step), self._bad_step)
 
     def check_finite(self) -> None:
-        """Stop with a clear message if a non-finite loss or gradient was seen (one host sync)."""
-        if self._bad_step is not None and (s := int(self._bad_step)) >= 0:
+        """Stop with a clear message if a non-finite loss or gradient was seen (one host sync). Under
+        DDP the flag is reduced over ranks, so every rank stops at the same step with the same message."""
+        if self._bad_step is None:
+            return
+        s = int(self._bad_step)
+        if self.trainer.world_size > 1:
+            if not self.trainer.strategy.reduce_boolean_decision(s >= 0, all=False):
+                return
+            s = s if s >= 0 else self.trainer.global_step
+        if s >= 0:
             limit = f", or loss above {self.max_loss:.3g} nats" if math.isfinite(self.max_loss) else ""
             raise DivergenceError(
                 f"training diverged at step {s} (loss or gradient not finite{limit}): stopped before saving "
@@ -171,23 +171,21 @@ class CharLM(L.LightningModule):
         self._aux_sums: dict[str, torch.Tensor] = {}
 
     def validation_step(self, batch, batch_idx):
-        x, y, *rest = batch
-        state = None
-        if self.carry_state and not (rest and rest[0]):
-            state = self._val_state  # stream evaluation: all the context before each character
-        logits, state = self.model(x, state)
-        self._val_state = state if self.carry_state else None
-        self._val_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-        self._val_count += y.numel()
-        aux_losses = getattr(self.model, "aux_losses", None)
-        if aux_losses is not None:
-            for name, v in aux_losses(x, y).items():
-                self._aux_sums[name] = self._aux_sums.get(name, 0) + v.double() * y.numel()
+        x, y, reset = batch  # the yardstick's batches: y is IGNORE where a position is not scored
+        logits, state = self.model(x, None if reset else self._val_state)           # (B, T, V)
+        self._val_state = state
+        self._val_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                         reduction="sum").double()
+        scored = (y != IGNORE).sum()
+        self._val_count += scored
+        if self.caps.aux_losses is not None and bool((y != IGNORE).all()):
+            for name, v in self.caps.aux_losses(x, y).items():
+                self._aux_sums[name] = self._aux_sums.get(name, 0) + v.double() * scored
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        loss = (total / count).float()
+        loss = (total / count.clamp(min=1)).float()
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/bpc", loss / math.log(2), sync_dist=False)
         self.log("val/ppl", torch.exp(loss), sync_dist=False)
@@ -200,8 +198,6 @@ class CharLM(L.LightningModule):
 
     def _log_sample(self) -> None:
         """Generate a short sample and log it (a growing W&B table when W&B is the logger)."""
-        from charlm.sample import generate
-
         cfg = {"prompt": "\n", "n_chars": 200, "temperature": 0.8, **(self.hparams.sample or {})}
         if cfg["n_chars"] <= 0 or self.trainer.global_rank != 0:
             return
@@ -256,36 +252,9 @@ class CharLM(L.LightningModule):
             self._resume_rng = None
 
 
-def rng_state() -> dict:
-    """Python, NumPy and torch RNG states as tensors and plain data."""
-    import random
-
-    import numpy as np
-
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(_as_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+def load_charlm(path, map_location="cpu") -> CharLM:
+    """Rebuild a CharLM (model + vocab) from a checkpoint, on CPU by default, in eval mode."""
+    ckpt = read_checkpoint(path, map_location)
+    module = CharLM(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from charlm.data import CharDataModule, CorpusError, RandomWindows
+from charlm.data import CharDataModule, RandomWindows
+from charlm.errors import CorpusError
 from charlm.vocab import CharVocab
+from charlm.yardstick import Batch
 
 SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FILLERS, CUE, SEP = ".abcdefghijklmnopqrstuvwxyz", "?", "\n"
@@ -150,9 +152,11 @@ class EpisodeEvalBatches(Dataset):
         return -(-len(self.offsets) // self.batch_size)
 
     def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
         ix = self.offsets[i * self.batch_size : (i + 1) * self.batch_size]
         w = self.ids[ix[:, None] + torch.arange(self.block_size + 1)].long()  # (b, T+1)
-        return w[:, :-1], w[:, 1:]
+        return Batch(w[:, :-1], w[:, 1:], True)
 
 
 class RecallDataModule(CharDataModule):
@@ -184,8 +188,9 @@ class RecallDataModule(CharDataModule):
         seed: int = 1337,
         vocab: CharVocab | None = None,
     ):
-        super().__init__(name=name, block_size=block_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        super().__init__(name=name, block_size=block_size, batch_size=batch_size,
                          val_fraction=val_fraction, sampling=sampling, seed=seed, vocab=vocab)
+        self.eval_batch_size = eval_batch_size
         if not 1 <= n_symbols <= len(SYMBOLS):
             raise ValueError(f"data.n_symbols={n_symbols}: must be in 1..{len(SYMBOLS)}")
         if not 1 <= n_fillers <= len(FILLERS):

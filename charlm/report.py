@@ -8,12 +8,11 @@ Sizes come from `presets.SIZE` in conf/report.yaml (`cpu`: ~15 min on 2 cores; `
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
 import re
-import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from charlm.errors import CONF_DIR, ConfigError, report_user_errors
+from charlm.atomic import write_atomic, write_json
+from charlm.build import build
+from charlm.cli import CONF_DIR, compose, hydra_main
+from charlm.config import ReportTop, check_sections, check_train
+from charlm.errors import ConfigError, DivergenceError
 
 
 class StepRecorder(L.Callback):
@@ -42,50 +45,24 @@ class StepRecorder(L.Callback):
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    """The train config with `overrides`, inside this Hydra app or outside one."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="train", overrides=overrides)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    """The train config with `overrides`, as charlm.train would compose it."""
+    return compose("train", overrides)
 
 
 def fit(overrides: list[str], sizes: dict, device: str, callbacks: list = (), seed: int = 1337):
-    """Train CharLM as charlm.train would for `overrides`, without checkpoints or loggers.
-    Model keys in `sizes` replace the model config's where it has them. Returns (module, dm, callbacks)."""
-    from hydra.utils import get_class
-
-    from charlm.module import CharLM
-
-    trainer_name = "gpu" if device == "cuda" else "cpu"
-    cfg = _compose([f"trainer={trainer_name}", "logger=none", f"seed={seed}", *overrides])
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    dm = get_class(data_cfg.pop("_target_", "charlm.data.CharDataModule"))(seed=cfg.seed, **data_cfg)
-    dm.prepare()
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("compile", None)
-    model_cfg.update({k: v for k, v in sizes.items() if k in model_cfg})
-    L.seed_everything(cfg.seed, verbose=False)
-    module = CharLM(
-        model=model_cfg, vocab=dm.vocab.to_dict(), model_name=cfg.model._target_.rsplit(".", 1)[-1],
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
-        clip=OmegaConf.to_container(cfg.clip, resolve=True), carry_state=cfg.data.sampling == "stream",
-        sample={"n_chars": 0}, divergence_factor=cfg.divergence_factor,
-    )
-    callbacks = [*callbacks, *getattr(dm, "callbacks", lambda: [])()]
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_cfg.get("precision") == "auto":  # as charlm.train: the model class says what its kernels want
-        gpu_precision = getattr(type(module.model), "gpu_precision", "32-true")
-        trainer_cfg["precision"] = gpu_precision if device == "cuda" else "32-true"
-    trainer = L.Trainer(
-        **trainer_cfg, logger=False, callbacks=callbacks,
-        enable_checkpointing=False, enable_progress_bar=False,
-    )
-    trainer.fit(module, datamodule=dm)
-    return module, dm, callbacks
+    """Train through the builder exactly as `python -m charlm.train OVERRIDES` would (same sampling,
+    evaluation, clipping), without loggers, progress bar or kept checkpoints. Model keys in `sizes`
+    replace the model config's where it has them. Returns (module, dm, callbacks)."""
+    base = [f"trainer={'gpu' if device == 'cuda' else 'cpu'}", "logger=none", "callbacks=none", f"seed={seed}",
+            "trainer.enable_progress_bar=false", "gates_every=null", "sample.n_chars=0", *overrides]
+    model_keys = _compose(base).model
+    cfg = _compose(base + [f"model.{k}={v}" for k, v in sizes.items() if k in model_keys])
+    check_train(cfg)
+    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "model")
+    with tempfile.TemporaryDirectory(prefix="charlm-report-") as run_dir:
+        built = build(cfg, Path(run_dir), name, extra_callbacks=callbacks)
+        built.trainer.fit(built.module, datamodule=built.dm)
+    return built.module, built.dm, built.trainer.callbacks
 
 
 def _plt():
@@ -114,8 +91,6 @@ def gradient_flow_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
 
 def clipping_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
     """experiment=clip_off and clip_on; the unclipped run's DivergenceError ends its curve."""
-    from charlm.module import DivergenceError
-
     runs = {}
     for name in ("clip_off", "clip_on"):
         rec = StepRecorder()
@@ -150,7 +125,7 @@ def clipping_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
     fig.tight_layout()
     fig.savefig(out / "clipping.png", dpi=120)
     plt.close(fig)
-    (out / "clipping.json").write_text(json.dumps(runs) + "\n")
+    write_json(out / "clipping.json", runs)
     return runs
 
 
@@ -196,7 +171,7 @@ def memory_span_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
     fig.savefig(out / "memory_span.png", dpi=120)
     plt.close(fig)
     results = {"task": task, "models": models}
-    (out / "memory_span.json").write_text(json.dumps(results) + "\n")
+    write_json(out / "memory_span.json", results)
     return results
 
 
@@ -271,41 +246,32 @@ def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict,
         s = "none" if r["span"] is None else f"{r['span']}" + (" (all tested)" if r["span"] == task["lags"][-1] else "")
         md.append(f"| {name} | {r['params']:,} | {s} | {r['val_recall_acc']:.3f} | "
                   + " | ".join(f"{a:.2f}" for a in r["accuracy"]) + " |")
-    (out / "REPORT.md").write_text("\n".join(md) + "\n")
+    write_atomic(out / "REPORT.md", "\n".join(md) + "\n")
+
+
+def _job(cfg: DictConfig) -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
+    if cfg.size not in cfg.presets:
+        raise ConfigError(f"size={cfg.size}: must be one of {', '.join(cfg.presets)}")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = cfg.presets[cfg.size]
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds, t0 = {}, time.perf_counter()
+    gf = gradient_flow_study(cfg, preset, out)
+    seconds["gradient flow"], t0 = time.perf_counter() - t0, time.perf_counter()
+    clip = clipping_study(cfg, preset, out)
+    seconds["clipping"], t0 = time.perf_counter() - t0, time.perf_counter()
+    span = memory_span_study(cfg, preset, out)
+    seconds["memory span"] = time.perf_counter() - t0
+    write_markdown(cfg, out, gf, clip, span, seconds)
+    print(f"report: wrote {out}/REPORT.md in {sum(seconds.values()) / 60:.1f} min")
 
 
 def main() -> None:
-    import hydra
-
-    from charlm.errors import precheck_overrides
-
-    precheck_overrides("report", sys.argv[1:])
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
-    def _main(cfg: DictConfig) -> None:
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
-        with report_user_errors():
-            if cfg.size not in cfg.presets:
-                raise ConfigError(f"size={cfg.size}: must be one of {', '.join(cfg.presets)}")
-            if cfg.device == "auto":
-                cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-            preset = cfg.presets[cfg.size]
-            out = Path(cfg.out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            seconds, t0 = {}, time.perf_counter()
-            gf = gradient_flow_study(cfg, preset, out)
-            seconds["gradient flow"], t0 = time.perf_counter() - t0, time.perf_counter()
-            clip = clipping_study(cfg, preset, out)
-            seconds["clipping"], t0 = time.perf_counter() - t0, time.perf_counter()
-            span = memory_span_study(cfg, preset, out)
-            seconds["memory span"] = time.perf_counter() - t0
-            write_markdown(cfg, out, gf, clip, span, seconds)
-            print(f"report: wrote {out}/REPORT.md in {sum(seconds.values()) / 60:.1f} min")
-
-    _main()
+    hydra_main("report", _job, check=lambda cfg: check_sections(cfg, {}, ReportTop))
 
 
 if __name__ == "__main__":
-    from charlm.report import main as _main
-
-    _main()
+    main()

@@ -1,4 +1,5 @@
-"""Sweep summaries: SWEEP_DIR/summary.csv and summary.md, one row per job, best val_bpc first.
+"""Sweep summaries: SWEEP_DIR/summary.csv and summary.md, one row per job, best yardstick bpc first
+(every job scored by the same yardstick, its protocol in a column).
 
 Rows come from each job's `results.json` (and, for a job that wrote none, the `job.json` status
 record its end left behind); logs are never parsed. `SweepSummary` is the Hydra callback that
@@ -29,21 +30,18 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from charlm.atomic import write_atomic, write_json
+from charlm.cli import error_line, user_error_types
+
 log = logging.getLogger(__name__)
-COLUMNS = ["job", "status", "val_bpc", "val_loss", "steps", "params", "tokens_per_s", "model", "overrides", "error"]
+COLUMNS = ["job", "status", "best_val_bpc", "best_val_loss", "protocol", "window_val_loss", "steps", "params",
+           "tokens_per_s", "model", "overrides", "error"]
 ORDER = {"ok": 0, "pruned": 1, "failed": 2, "interrupted": 3, "running": 4}
 
 
 def _rank_zero() -> bool:
     """False in the extra processes of a multi-process job (DDP ranks, SLURM tasks)."""
     return all(int(os.environ.get(v, 0) or 0) == 0 for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -60,6 +58,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict:
     if status == "ok" and not results:
         status = "failed"  # the task returned but wrote no results
     row = {k: results.get(k) for k in COLUMNS if k in results}
+    if isinstance(row.get("protocol"), dict):  # the yardstick's protocol, so a reader sees what was compared
+        row["protocol"] = row["protocol"].get("text", "")
     row |= {
         "job": str(job_dir.relative_to(sweep_dir)),
         "status": status,
@@ -70,7 +70,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict:
 
 
 def _sort_key(row: dict):
-    bpc = row.get("val_bpc")
+    bpc = row.get("best_val_bpc")
     bpc = bpc if isinstance(bpc, (int, float)) and math.isfinite(bpc) else math.inf
     job = row["job"]
     return ORDER.get(row["status"], 9), bpc, (int(job) if job.isdigit() else math.inf), job
@@ -111,17 +111,8 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
     writer.writeheader()
     writer.writerows(rows)
     for name, text in (("summary.csv", buf.getvalue()), ("summary.md", markdown(rows))):
-        tmp = sweep_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, sweep_dir / name)
+        write_atomic(sweep_dir / name, text)
     return rows
-
-
-def error_line(e: BaseException) -> str:
-    """The first line of an exception's message, as `error: ...` would show it."""
-    cause = e.__cause__ if type(e).__name__ == "InstantiationException" and e.__cause__ else e
-    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 class SweepSummary(Callback):
@@ -133,8 +124,6 @@ class SweepSummary(Callback):
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
         from hydra.types import RunMode
-
-        from charlm.errors import user_error_types
 
         if config.hydra.mode != RunMode.MULTIRUN or not _rank_zero():
             return

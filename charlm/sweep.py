@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import sys
 import traceback
@@ -31,8 +30,11 @@ import lightning as L
 import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from charlm.errors import CONF_DIR, ConfigError
-from charlm.summary import _finish_wandb, error_line, markdown, write_json, write_summary
+from charlm.atomic import write_atomic, write_json
+from charlm.cli import CONF_DIR, compose_or_exit, error_line, report_user_errors, user_error_types
+from charlm.errors import ConfigError
+from charlm.summary import _finish_wandb, markdown, write_summary
+from charlm.train import pick_trainer, run
 
 SWEEP_KEYS = set(OmegaConf.load(Path(CONF_DIR) / "sweep.yaml")) - {"defaults"} | {"hparams_search"}
 GROUPS = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}  # config groups: `model=gru`, not a value
@@ -143,9 +145,6 @@ def compose_trial(overrides: list[str], run_dir: Path) -> DictConfig:
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, fixed: list[str], cfg: DictConfig, sweep_dir: Path) -> None:
     """Train one trial, tell the study how it went, record it for the summary."""
-    from charlm.errors import user_error_types
-    from charlm.train import pick_trainer, run
-
     trial_dir = sweep_dir / f"trial_{trial.number:03d}"
     overrides = dedupe(fixed + [as_override(k, v) for k, v in trial.params.items()])
     trial.set_user_attr("overrides", overrides)
@@ -251,21 +250,16 @@ def write_best(study: optuna.Study, sweep_dir: Path, name: str) -> Path | None:
     text = experiment_yaml(best.user_attrs["overrides"], comment)
     for path in (sweep_dir / "best.yaml", sweep_dir / "experiment" / "best.yaml"):
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(".best.yaml.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     return sweep_dir / "best.yaml"
 
 
 def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
-    from charlm.errors import precheck_overrides, report_user_errors
-    from charlm.train import pick_trainer
-
     own, train_args = split_args(sys.argv[1:] if argv is None else argv)
-    precheck_overrides("sweep", own)  # a misspelt key or unknown search name: one line, not a traceback
-    precheck_overrides("train", pick_trainer([a for a in train_args if not _is_search(a)]))
+    compose_or_exit("sweep", own)  # a misspelt key or unknown search name: one line, not a traceback
+    compose_or_exit("train", pick_trainer([a for a in train_args if not _is_search(a)]))
     with report_user_errors(), initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="sweep", overrides=own, return_hydra_config=True)
         if not isinstance(cfg.n_trials, int) or cfg.n_trials < 0:

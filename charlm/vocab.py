@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from charlm.errors import UnknownCharError
+
 UNKNOWN_POLICIES = ("error", "skip")
-
-
-class UnknownCharError(ValueError):
-    """Text holds characters that the vocabulary does not know."""
 
 
 def _codepoints(text: str) -> np.ndarray:

@@ -18,9 +18,21 @@ os.environ["WANDB_MODE"] = "disabled"
 # Overrides that make any training run take seconds on a CPU.
 TINY = [
     "trainer=cpu", "logger=none", "trainer.max_steps=12", "trainer.val_check_interval=6",
-    "data.batch_size=8", "data.block_size=16", "data.eval_batch_size=512",
+    "data.batch_size=8", "data.block_size=16", "eval.chunk=512", "eval.window_batches=2",
     "model.hidden_dim=32", "model.embed_dim=16", "sample.n_chars=20",
 ]
+
+# Tiny sizes for any model: each key is used only where the model's config has it.
+TINY_SIZES = {"embed_dim": 16, "hidden_dim": 32, "n_embd": 32, "n_layer": 1, "n_head": 2, "num_layers": 1,
+              "state_dim": 8, "expand": 2}
+
+
+def tiny_model_overrides(name: str) -> list[str]:
+    """`model.KEY=VALUE` overrides that make conf/model/NAME.yaml tiny (keys it does not have are left out)."""
+    from omegaconf import OmegaConf
+
+    keys = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml").keys()
+    return [f"model.{k}={v}" for k, v in TINY_SIZES.items() if k in keys]
 
 
 def run_cli(module: str, *args: str, check: bool = True, timeout: float = 300, env: dict | None = None):

@@ -1,6 +1,13 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
-from charlm.data import CharDataModule, EvalBatches, RandomWindows, Streams, embedded_corpus
+from charlm.data import CharDataModule, RandomWindows, Streams, embedded_corpus, encode_corpus
+from charlm.yardstick import IGNORE, SlidingWindows
 
 
 def test_embedded_corpus_split_is_nanogpt():
@@ -16,9 +23,9 @@ def test_embedded_corpus_split_is_nanogpt():
 
 def test_eval_batches_cover_the_split_once():
     ids = torch.arange(103)
-    ds = EvalBatches(ids, block_size=10, batch_size=4)
-    targets = torch.cat([y.flatten() for _, y in (ds[i] for i in range(len(ds)))])
-    assert torch.equal(targets, ids[1:])  # every next-char target exactly once, in order
+    ds = SlidingWindows(ids, window=10, stride=10, batch_size=4)  # EvalBatches moved to charlm.yardstick
+    targets = torch.cat([y.flatten() for _, y, _ in (ds[i] for i in range(len(ds)))])
+    assert torch.equal(targets[targets != IGNORE], ids[1:])  # every next-char target exactly once, in order
 
 
 def test_random_windows_depend_only_on_step():
@@ -37,3 +44,70 @@ def test_streams_are_contiguous_across_batches():
     x2, _, r2 = next(it)
     assert bool(r1) and not bool(r2)
     assert torch.equal(x2[:, 0], y1[:, -1])  # row b of batch 2 continues row b of batch 1
+
+
+def _cache_files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_cache_reads_a_file_changed_with_its_mtime_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLM_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "corpus.txt"
+    f.write_text("hello world\n" * 50)
+    st = os.stat(f)
+    vocab, ids = encode_corpus(str(f))
+    assert vocab.decode(ids.tolist()) == "hello world\n" * 50
+    f.write_text("jello wormy\n" * 50)  # same size; then the old mtime back, as `cp -p` or `rsync -a` leave it
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    vocab, ids = encode_corpus(str(f))
+    assert vocab.decode(ids.tolist()) == "jello wormy\n" * 50
+    names = _cache_files(tmp_path / "cache")  # two entries, three files each, no temporary file left behind
+    assert len(names) == 6 and all(n.endswith((".ids.npy", ".vocab.json", ".meta.json")) for n in names)
+
+
+def _truncate(p: Path, ids: np.ndarray) -> None:
+    p.write_bytes(p.read_bytes()[: -len(ids) // 2])
+
+
+def _shorter(p: Path, ids: np.ndarray) -> None:
+    np.save(p, ids[:-5])  # a valid .npy, the right dtype, the wrong length
+
+
+def _wider(p: Path, ids: np.ndarray) -> None:
+    np.save(p, ids.astype(np.int64))  # the right length, the wrong dtype
+
+
+def _garbage(p: Path, ids: np.ndarray) -> None:
+    p.write_bytes(b"not an npy file")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _shorter, _wider, _garbage])
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("CHARLM_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "corpus.txt"
+    text = "the quick brown fox jumps over the lazy dog\n" * 40
+    f.write_text(text)
+    encode_corpus(str(f))
+    (ids_file,) = (tmp_path / "cache").glob("*.ids.npy")
+    good = np.load(ids_file).copy()
+    damage(ids_file, good)
+    vocab, ids = encode_corpus(str(f))
+    assert vocab.decode(ids.tolist()) == text
+    rebuilt = np.load(ids_file)
+    assert rebuilt.dtype == np.uint8 and np.array_equal(rebuilt, good)
+
+
+def test_more_than_256_chars_are_stored_as_uint16(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLM_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "hanzi.txt"
+    text = "".join(chr(0x4E00 + i) for i in range(300)) * 3 + "\n"
+    f.write_text(text, encoding="utf-8")
+    vocab, ids = encode_corpus(str(f))
+    assert len(vocab) == 301 and ids.dtype == torch.int32  # widened for torch, which has no uint16 ops
+    assert vocab.decode(ids.tolist()) == text
+    (ids_file,) = (tmp_path / "cache").glob("*.ids.npy")
+    (meta_file,) = (tmp_path / "cache").glob("*.meta.json")
+    assert np.load(ids_file).dtype == np.uint16
+    assert json.loads(meta_file.read_text())["dtype"] == "uint16"
+    vocab2, ids2 = encode_corpus(str(f))  # a cache hit gives the same
+    assert vocab2 == vocab and torch.equal(ids2, ids)

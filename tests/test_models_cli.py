@@ -4,20 +4,17 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, tiny_model_overrides
 
 MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
-SIZE = {
-    "transformer": ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"],
-}
 COMMON = ["trainer=cpu", "logger=csv", "trainer.max_steps=40", "trainer.val_check_interval=40",
-          "trainer.log_every_n_steps=1", "data.batch_size=16", "data.block_size=32", "data.eval_batch_size=1024",
+          "trainer.log_every_n_steps=1", "data.batch_size=16", "data.block_size=32", "eval.chunk=1024", "eval.window_batches=1",
           "optim.lr=1e-2", "scheduler.warmup_steps=5", "sample.n_chars=0"]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_trains_and_samples(name, tmp_path):
-    size = SIZE.get(name, ["model.hidden_dim=32", "model.embed_dim=16"])
+    size = tiny_model_overrides(name)
     run_cli("charlm.train", f"model={name}", *COMMON, *size, f"hydra.run.dir={tmp_path}")
     with open(tmp_path / "csv" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]

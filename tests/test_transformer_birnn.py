@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from charlm.errors import SampleArgError, UnknownCharError
+from charlm.generate import generate
 from charlm.models.birnn import BiRNNLM
 from charlm.models.transformer import GPT
-from charlm.sample import SampleArgError, generate
-from charlm.vocab import CharVocab, UnknownCharError
+from charlm.vocab import CharVocab
 
 V = 7
 BLOCK = 8
@@ -66,12 +67,21 @@ def test_birnn_backward_reads_only_the_future(cell):
 
 def test_birnn_aux_loss_is_backward_cross_entropy():
     model = tiny("birnn_lstm")
-    seq = torch.randint(0, V, (3, 9))
-    idx, targets = seq[:, :-1], seq[:, 1:]
+    # two windows of T+1 = 5 characters: idx is the first 4, targets the last 4
+    idx = torch.tensor([VOCAB.encode("abcd"), VOCAB.encode("dd\na")])
+    targets = torch.tensor([VOCAB.encode("bcde"), VOCAB.encode("d\nab")])
     loss = model.aux_losses(idx, targets)["bwd_loss"]
-    logits = model.backward_logits(seq)[:, 1:]  # position t predicts seq[t-1] from seq[t:]
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
-    torch.testing.assert_close(loss, expected)
+    # by hand: every character of idx, predicted from all that follows it in its window (and nothing else)
+    pairs = [("bcde", "a"), ("cde", "b"), ("de", "c"), ("e", "d"),
+             ("d\nab", "d"), ("\nab", "d"), ("ab", "\n"), ("b", "a")]
+    terms = [
+        torch.nn.functional.cross_entropy(
+            model.backward_logits(torch.tensor([VOCAB.encode(after)]))[:, 0],  # what came before `after`
+            torch.tensor(VOCAB.encode(char)),
+        )
+        for after, char in pairs
+    ]
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), **ATOL)
     loss.backward()  # trains the backward stack, not the forward one
     assert model.bwd.weight_hh_l0.grad.abs().sum() > 0
     assert model.fwd.weight_hh_l0.grad is None

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.errors import SampleArgError
 from charlm.models.rnn import CELLS
 
 
@@ -71,8 +72,6 @@ class BiRNNLM(nn.Module):
         empty side adds no term; with both sides empty, the forward direction starts after a
         newline, as `generate` does. Characters outside the vocabulary follow `unknown`.
         """
-        from charlm.sample import SampleArgError
-
         if len(mask) != 1:
             raise SampleArgError(f"mask_char={mask!r}: must be a single character")
         if mask not in text:

@@ -119,6 +119,7 @@ class GPT(nn.Module):
         if block_size < 2:
             raise ValueError(f"model.block_size={block_size}: must be >= 2")
         self.block_size = block_size
+        self.context_size = block_size  # the contract: attention sees this many characters (sliding-window eval)
         self.wte = nn.Embedding(vocab_size, n_embd)
         if pos == "learned":
             self.wpe = nn.Embedding(block_size, n_embd)

@@ -1,0 +1,196 @@
+"""The builder: one road from a composed config to objects. Every entry point that trains or rebuilds
+a model (train, compare, report, gradflow, sweep, the benchmark) goes through here.
+
+    cfg --build_data-->  CharDataModule (sampling and evaluation as the model declares)
+        --build_module-> CharLM (the model from cfg.model, the loss, clipping, optimizer, schedule)
+        --build_trainer> lightning.Trainer (loggers, callbacks, precision from the config groups)
+
+A parameter walks in at most three files: `conf/model/lstm.yaml` (hidden_dim: 256) -> this module
+(`instantiate(cfg.model)` inside CharLM) -> `charlm/models/rnn.py` (`RNNLM(hidden_dim=...)`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from charlm.atomic import atomic_path
+from charlm.callbacks import GateOpenings, GradFlowCallback, StopAt, TrainClock, ValidateAtEnd
+from charlm.checkpoint import read_checkpoint
+from charlm.data import CharDataModule
+from charlm.errors import ConfigError
+from charlm.models.contract import Capabilities, capabilities
+from charlm.module import CharLM
+from charlm.vocab import CharVocab
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file, fsynced, then renamed: a crash never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def plain(node) -> dict:
+    """A config node as plain resolved data (what CharLM stores in its checkpoint)."""
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def model_class_capabilities(cfg: DictConfig) -> Capabilities:
+    """What the configured model class declares (before it is built)."""
+    try:
+        return capabilities(get_class(cfg.model._target_))
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"model._target_={cfg.model._target_}: no such class") from None
+
+
+def resolve_sampling(cfg: DictConfig, caps: Capabilities) -> str:
+    """data.sampling, with `auto` replaced by what the model prefers."""
+    sampling = cfg.data.get("sampling", "auto")
+    return caps.preferred_sampling if sampling == "auto" else sampling
+
+
+def build_data(cfg: DictConfig, vocab: CharVocab | None = None, caps: Capabilities | None = None) -> CharDataModule:
+    """The data module the config names, prepared (corpus read, encoded, split, checked)."""
+    caps = caps or model_class_capabilities(cfg)
+    data_cfg = plain(cfg.data)
+    data_cfg["sampling"] = resolve_sampling(cfg, caps)
+    data_cls = get_class(data_cfg.pop("_target_", "charlm.data.CharDataModule"))
+    dm = data_cls(vocab=vocab, seed=cfg.seed, **data_cfg)
+    dm.prepare()
+    return dm
+
+
+def configure_eval(cfg: DictConfig, dm: CharDataModule, model) -> Capabilities:
+    """Point the data module's val/test passes at the yardstick the built model needs."""
+    caps = capabilities(model)
+    dm.configure_eval(context_size=caps.context_size, **plain(cfg.eval))
+    return caps
+
+
+def build_module(cfg: DictConfig, vocab: CharVocab, sampling: str, model_name: str) -> CharLM:
+    """The LightningModule around the configured model; `compile: true` wraps the model in torch.compile."""
+    module = CharLM(
+        model=plain(cfg.model),
+        vocab=vocab.to_dict(),
+        model_name=model_name,
+        optim=plain(cfg.optim),
+        scheduler=plain(cfg.scheduler) if cfg.get("scheduler") else None,
+        clip=plain(cfg.clip),
+        carry_state=sampling == "stream",
+        sample=plain(cfg.sample),
+        divergence_factor=cfg.divergence_factor,
+    )
+    if cfg.get("compile"):
+        module.model = torch.compile(module.model)
+    return module
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_wandb_id: str | None = None) -> list:
+    """The loggers of the `logger` group (WandbLogger offline unless WANDB_MODE says otherwise, CSVLogger)."""
+    loggers = []
+    for entry in (cfg.get("logger") or {}).values():
+        if entry is None:
+            continue
+        kwargs = {}
+        target = str(entry._target_)
+        if target.endswith("WandbLogger"):
+            mode = os.environ.get("WANDB_MODE") or ("offline" if entry.get("offline", True) else "online")
+            os.environ["WANDB_MODE"] = mode
+            kwargs = {"offline": mode == "offline", "save_dir": str(run_dir)}
+            if resume_wandb_id and not entry.get("id"):
+                kwargs["id"] = resume_wandb_id  # the resumed run continues the same W&B run
+        elif "save_dir" in entry:
+            kwargs = {"save_dir": str(run_dir)}
+        loggers.append(instantiate(entry, **kwargs, _convert_="all"))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, dm: CharDataModule, loggers: list) -> list[L.Callback]:
+    """The `callbacks` group (ModelCheckpoint into RUN_DIR/checkpoints, LR monitor, progress bar,
+    early stopping when chosen), then charlm's own: final validation, clock, gates, data-task metrics."""
+    callbacks = []
+    for entry in (cfg.get("callbacks") or {}).values():
+        if entry is None:
+            continue
+        target = str(entry._target_)
+        if target.endswith("LearningRateMonitor") and not loggers:
+            continue  # it needs a logger
+        kwargs = {"dirpath": str(run_dir / "checkpoints")} if target.endswith("ModelCheckpoint") else {}
+        callbacks.append(instantiate(entry, **kwargs, _convert_="all"))
+    callbacks += [ValidateAtEnd(), TrainClock(), *dm.callbacks()]
+    if cfg.get("gates_every"):
+        callbacks.append(GateOpenings(every_n_val=int(cfg.gates_every)))
+    if cfg.get("gradflow_every"):  # the gradient-flow curve every N validations (W&B plot + RUN_DIR/gradflow/)
+        callbacks.append(GradFlowCallback(every_n_val=int(cfg.gradflow_every)))
+    if cfg.get("stop_at_step"):
+        callbacks.append(StopAt(int(cfg.stop_at_step)))
+    return callbacks
+
+
+def resolve_precision(trainer_cfg: dict, caps: Capabilities) -> str:
+    """`precision: auto` becomes what the model's kernels want on a GPU, and 32-true elsewhere."""
+    if str(trainer_cfg.get("precision")) != "auto":
+        return trainer_cfg["precision"]
+    on_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return caps.gpu_precision if on_gpu else "32-true"
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, caps: Capabilities, loggers: list, callbacks: list) -> L.Trainer:
+    """A Lightning Trainer as the `trainer` group says, writing into `run_dir`."""
+    trainer_cfg = plain(cfg.trainer)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg, caps)
+    trainer_cfg = {k: v for k, v in trainer_cfg.items() if v is not None or k in ("check_val_every_n_epoch",)}
+    if isinstance(trainer_cfg.get("val_check_interval"), int) and trainer_cfg.get("max_steps", 0) > 0:
+        trainer_cfg["val_check_interval"] = min(trainer_cfg["val_check_interval"], trainer_cfg["max_steps"])
+    return L.Trainer(
+        **trainer_cfg,
+        logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir), enable_checkpointing=True,
+        use_distributed_sampler=False,  # val batches are sharded by rank in CharDataModule (no padded repeats)
+    )
+
+
+@dataclass
+class Built:
+    """Everything a training run needs, built from one config."""
+
+    dm: CharDataModule
+    module: CharLM
+    trainer: L.Trainer
+    caps: Capabilities
+    model_name: str
+    params: int
+    loggers: list = field(default_factory=list)
+
+    def callback(self, cls: type):
+        """The trainer's callback of this type (None if absent)."""
+        return next((c for c in self.trainer.callbacks if isinstance(c, cls)), None)
+
+
+def build(cfg: DictConfig, run_dir: Path, model_name: str, vocab: CharVocab | None = None,
+          resume_wandb_id: str | None = None, extra_callbacks=()) -> Built:
+    """Data, module and trainer for `cfg`, writing into `run_dir`. `vocab`: a resumed checkpoint's."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    dm = build_data(cfg, vocab, model_class_capabilities(cfg))
+    module = build_module(cfg, dm.vocab, dm.sampling, model_name)
+    caps = configure_eval(cfg, dm, module.model)
+    params = sum(p.numel() for p in module.model.parameters())
+    loggers = build_loggers(cfg, run_dir, resume_wandb_id)
+    callbacks = build_callbacks(cfg, run_dir, dm, loggers) + list(extra_callbacks)
+    trainer = build_trainer(cfg, run_dir, caps, loggers, callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(plain(cfg) | {"params": params})
+    return Built(dm, module, trainer, caps, model_name, params, loggers)

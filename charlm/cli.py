@@ -1,0 +1,129 @@
+"""Entry-point plumbing shared by every `python -m charlm.X`: the config folder, the compose-time
+check of the command line (before Hydra writes anything), and one-line reports of user mistakes.
+
+Set CHARLM_DEBUG=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from charlm.errors import CharLMError, DivergenceError
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the Hydra config groups
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from hydra.errors import InstantiationException
+
+    return (CharLMError, DivergenceError, OmegaConfBaseException, InstantiationException)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line that tells the user what went wrong."""
+    cause = e.__cause__ if type(e).__name__ == "InstantiationException" and e.__cause__ else e
+    msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(e, OmegaConfBaseException):
+        key = getattr(e, "full_key", None)
+        msg = f"config key {key}: {msg}" if key and key not in msg else f"config: {msg}"
+    return msg
+
+
+@contextlib.contextmanager
+def report_user_errors():
+    """Turn the known user-facing errors into `error: ...` on stderr and exit status 2."""
+    try:
+        yield
+    except user_error_types() as e:
+        if os.environ.get("CHARLM_DEBUG"):
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        if in_multirun():
+            raise  # Hydra records the failed job and the sweep goes on
+        sys.exit(2)
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - outside Hydra
+        return False
+
+
+def _compose_error_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    skip = ("full_key", "object_type", "Config search path", "provider=")
+    lines = [ln for ln in lines if not ln.startswith(skip)]
+    msg = lines[0] if lines else type(e).__name__
+    if "Available options" in str(e):
+        i = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        msg += f" (available: {', '.join(lines[i + 1:])})"
+    elif msg.startswith("Could not override") and "+" in str(e):
+        key = msg.split("'")[1]
+        msg = f"no such config key {key!r} (check its spelling; `+{key}=...` adds a new key on purpose)"
+    return msg
+
+
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """The config as Hydra would compose it for these overrides (no run folder, nothing written)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides,
+                                 return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_or_exit(config_name: str, overrides: list[str]) -> DictConfig:
+    """`compose`, with a composition error (misspelt key, unknown option) as one line and exit 2."""
+    try:
+        return compose(config_name, overrides, return_hydra_config=True)
+    except Exception as e:
+        if os.environ.get("CHARLM_DEBUG"):
+            raise
+        print(f"error: {_compose_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def hydra_main(config_name: str, fn: Callable[[DictConfig], object], argv_hook: Callable[[list[str]], list[str]]
+               | None = None, check: Callable[[DictConfig], None] | None = None,
+               plan: Callable[[DictConfig, list[str]], list[str]] | None = None) -> None:
+    """Run `fn(cfg)` as a Hydra app on conf/CONFIG_NAME.yaml, after the command line has been composed
+    and checked (`check`) with nothing written; `plan` may then add overrides (a claimed run folder).
+    User mistakes inside `fn` end in one line too."""
+    import hydra
+
+    argv = sys.argv[1:]
+    if argv_hook is not None:
+        argv = argv_hook(argv)
+    multirun = any(a in ("-m", "--multirun") or a.startswith("-") for a in argv)
+    if not multirun:
+        cfg = compose_or_exit(config_name, argv)
+        with report_user_errors():
+            if check is not None:
+                check(cfg)
+            if plan is not None:
+                argv = plan(cfg, argv)
+    sys.argv = [sys.argv[0], *argv]
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def _main(cfg: DictConfig):
+        with report_user_errors():
+            return fn(cfg)
+
+    _main()

@@ -1,0 +1,105 @@
+"""The model contract, written once: what charlm needs from a model, and what a model may offer.
+
+Required: `logits, state = model(idx, state=None)` with idx (B, T) long -> logits (B, T, V), and a
+state (tensors, or tuples/lists/dicts of tensors) that continues the sequence: chunked == whole.
+
+Optional, each with its default (a model declares only what differs):
+
+=====================  =====================================  ==========================================
+capability             declared as                            default
+=====================  =====================================  ==========================================
+preferred sampling     class attr `preferred_sampling`        "stream" (truncated BPTT, state carried)
+GPU precision          class attr `gpu_precision`             "32-true"
+usable context         attr `context_size` (int or None)      None: unbounded (evaluated as streams);
+                                                              an int: evaluated by a sliding window
+auxiliary losses       method `aux_losses(idx, targets)`      none: {} (added to the training loss)
+infill                 method `infill(vocab, text, ...)`      none: sampling refuses `infill=`
+token embedding        method `token_embedding()`             the model's first nn.Embedding
+gate openings          method `gate_openings(idx)`            none: {} (no `gates/...` metrics)
+=====================  =====================================  ==========================================
+
+`capabilities(model)` is the one place that reads them; nothing else looks attributes up on a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+Sampling = Literal["stream", "random"]
+
+
+@runtime_checkable
+class CharModel(Protocol):
+    """The required part: next-character logits and a state that continues the sequence."""
+
+    def __call__(self, idx: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]: ...
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model declared, with the defaults filled in."""
+
+    preferred_sampling: Sampling
+    gpu_precision: str
+    context_size: int | None
+    aux_losses: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None
+    infill: Callable[..., str] | None
+    token_embedding: nn.Embedding
+    gate_openings: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None
+
+    @property
+    def evaluation(self) -> str:
+        """How the yardstick scores this model: "streams" (state carried) or "window" (sliding)."""
+        return "streams" if self.context_size is None else "window"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model behind a `torch.compile` wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _first_embedding(model: nn.Module) -> nn.Embedding:
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return m
+    raise TypeError(f"{type(model).__name__} has no nn.Embedding; define token_embedding() to name one")
+
+
+def capabilities(model: nn.Module | type) -> Capabilities:
+    """Read the optional parts of the contract from a model (or its class: then no bound methods)."""
+    is_class = isinstance(model, type)
+    m = model if is_class else unwrap(model)
+
+    def method(name: str):
+        return None if is_class else getattr(m, name, None)
+
+    sampling = getattr(m, "preferred_sampling", "stream")
+    if sampling not in ("stream", "random"):
+        raise TypeError(f"{type(m).__name__}.preferred_sampling={sampling!r}: must be 'stream' or 'random'")
+    context = getattr(m, "context_size", None)
+    if is_class:
+        embedding = None
+    else:
+        named = method("token_embedding")
+        embedding = named() if named is not None else _first_embedding(m)
+    return Capabilities(
+        preferred_sampling=sampling,
+        gpu_precision=getattr(m, "gpu_precision", "32-true"),
+        context_size=None if context is None or isinstance(context, property) else int(context),
+        aux_losses=method("aux_losses"),
+        infill=method("infill"),
+        token_embedding=embedding,
+        gate_openings=method("gate_openings"),
+    )
+
+
+def build_model(model_cfg: dict, vocab_size: int) -> nn.Module:
+    """The model a config names (`_target_` and its arguments), for a vocabulary of `vocab_size`."""
+    from hydra.utils import instantiate
+
+    return instantiate(model_cfg, vocab_size=vocab_size, _convert_="all")

@@ -1,0 +1,221 @@
+"""Parallel scans for the modern recurrent models (minGRU, minLSTM, Hawk, Mamba), and what they share.
+
+All four run a linear, diagonal recurrence h_t = a_t * h_{t-1} + b_t whose gate a_t depends on the
+input only, never on h. Training therefore needs no loop over time, and the gradient through time
+is a product of gates with no tanh Jacobian in the chain. Two scans compute it:
+
+- `log_scan`: a_t in (0, 1) and b_t > 0, both given as logs (minGRU, minLSTM): Heinsen's (2023)
+  log-cumsum-exp scan, run per chunk with log h carried across chunks, so the cumulative log-decay
+  stays small enough for float32 to resolve.
+- `linear_scan`: a_t in (0, 1] given as log a_t and real b_t (Hawk's RG-LRU, Mamba's SSM): a
+  two-level chunked scan. It only ever multiplies numbers in [0, 1] and adds, so strongly decaying
+  gates underflow to their true limit 0, never overflow: the factorised form exp(L_t) * cumsum(exp(-L_k)
+  b_k) with L the cumulative log-decay overflows float32 once -L passes 88 (a_t ~ 1e-6 does so in 7 steps).
+
+`sequential_scan` is the plain loop over time they are tested and timed against. The rest are the
+pieces the four models share: the paper's g(x) activation, the short causal convolution whose last
+inputs travel in the state, and the language-model shell (embedding -> blocks -> norm -> head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def g(x: torch.Tensor) -> torch.Tensor:
+    """Feng et al.'s positive activation: x + 1/2 for x >= 0, sigmoid(x) below (continuous at 0)."""
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+def log_g(x: torch.Tensor) -> torch.Tensor:
+    """log g(x), computed without forming g(x): log(x + 1/2) for x >= 0, -softplus(-x) below."""
+    return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+
+
+def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: h_t = a_t * h_{t-1} + b_t by a Python loop over time. a, b: (B, T, ...) -> h (B, T, ...)."""
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    out = []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]                 # (B, ...)
+        out.append(h)
+    return torch.stack(out, 1)                    # (B, T, ...)
+
+
+def log_scan(
+    log_a: torch.Tensor, log_b: torch.Tensor, log_h0: torch.Tensor | None = None, chunk: int = 64,
+) -> torch.Tensor:
+    """log h for h_t = a_t * h_{t-1} + b_t with a_t in (0, 1), b_t > 0, given log_a, log_b (B, T, ...).
+
+    Within a chunk, with A_t = sum_{s<=t} log a_s: log h_t = A_t + log(h_0 + sum_{k<=t} exp(log b_k - A_k)),
+    a logcumsumexp (Heinsen 2023). log_h0 (B, ...): the log state before the first step (None: h_0 = 0).
+    """
+    outs = []
+    for s in range(0, log_a.shape[1], chunk):
+        la, lb = log_a[:, s : s + chunk], log_b[:, s : s + chunk]    # (B, C, ...)
+        decay = la.cumsum(1)                                         # (B, C, ...) log a_1 * ... * a_t
+        acc = torch.logcumsumexp(lb - decay, 1)                      # (B, C, ...)
+        if log_h0 is not None:
+            acc = torch.logaddexp(log_h0.unsqueeze(1), acc)          # (B, C, ...)
+        outs.append(decay + acc)
+        log_h0 = outs[-1][:, -1]                                     # (B, ...) carried to the next chunk
+    return torch.cat(outs, 1)                                        # (B, T, ...)
+
+
+def _chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + b_t (reverse: h_t = a_t * h_{t+1} + b_t, from the end), without autograd,
+    in about 2 sqrt(T) vectorised steps instead of T.
+
+    The T steps are cut into n chunks of C. Step 1 runs the recurrence from 0 inside every chunk at
+    once (C steps over (B, n, ...)), keeping the product of the gates so far; step 2 carries the
+    state from chunk to chunk (n steps); step 3 adds each chunk's starting state times those products.
+    """
+    B, T = b.shape[:2]
+    C = math.isqrt(T - 1) + 1 if T > 1 else 1                       # ceil(sqrt(T)): balances steps 1 and 2
+    n = -(-T // C)
+    pad = n * C - T
+    if pad:  # a = 1, b = 0 past the end: they pass the state through unchanged
+        a = torch.cat([a, a.new_ones((B, pad, *a.shape[2:]))], 1)
+        b = torch.cat([b, b.new_zeros((B, pad, *b.shape[2:]))], 1)
+    a = a.reshape(B, n, C, *a.shape[2:])                             # (B, n, C, ...)
+    b = b.reshape(B, n, C, *b.shape[2:])                             # (B, n, C, ...)
+    steps, chunks = (range(C - 1, -1, -1), range(n - 1, -1, -1)) if reverse else (range(C), range(n))
+    first, last = (C - 1, 0) if reverse else (0, C - 1)
+    local, decay = torch.empty_like(b), torch.empty_like(a)          # (B, n, C, ...) each
+    local[:, :, first], decay[:, :, first] = b[:, :, first], a[:, :, first]
+    prev = first
+    for t in steps[1:]:
+        torch.addcmul(b[:, :, t], a[:, :, t], local[:, :, prev], out=local[:, :, t])
+        torch.mul(decay[:, :, prev], a[:, :, t], out=decay[:, :, t])
+        prev = t
+    starts = torch.empty_like(local[:, :, 0])                         # (B, n, ...)
+    h = h0
+    for j in chunks:
+        starts[:, j] = h
+        h = torch.addcmul(local[:, j, last], decay[:, j, last], h)
+    h = local.addcmul_(decay, starts.unsqueeze(2))                    # (B, n, C, ...)
+    return h.reshape(B, n * C, *h.shape[3:])[:, :T]                  # (B, T, ...)
+
+
+class _LinearScan(torch.autograd.Function):
+    """The chunked scan with its own backward: the gradient of a linear scan is a linear scan run
+    backwards, g_t = dL/dh_t + a_{t+1} g_{t+1}; then dL/db_t = g_t, dL/da_t = g_t h_{t-1}. Only a,
+    h_0 and h are kept for it, not one tensor per step as autograd through a loop would."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        h = _chunked_scan(a, b, h0)
+        ctx.save_for_backward(a, h0, h)
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: torch.Tensor):
+        a, h0, h = ctx.saved_tensors
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)                    # (B, T, ...) a_{t+1}
+        g_ = _chunked_scan(a_next, grad_h.contiguous(), torch.zeros_like(h0), reverse=True)  # (B, T, ...)
+        grad_a = torch.empty_like(g_)                                                    # (B, T, ...)
+        torch.mul(g_[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+        torch.mul(g_[:, 0], h0, out=grad_a[:, 0])
+        return grad_a, g_, a[:, 0] * g_[:, 0]
+
+
+def linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """h for h_t = a_t * h_{t-1} + b_t with a_t = exp(log_a) in (0, 1] and real b_t; log_a, b (B, T, ...),
+    h0 (B, ...) (None: zeros). Stable in float32 for any decay; differentiable (once) in all three."""
+    if log_a.shape != b.shape:
+        log_a, b = torch.broadcast_tensors(log_a, b)
+    h0 = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
+    return _LinearScan.apply(log_a.exp().contiguous(), b.contiguous(), h0.contiguous())
+
+
+class CausalConv(nn.Module):
+    """Depthwise convolution over time that sees the current and the width-1 previous inputs.
+
+    Its state is the window of the width-1 inputs before this call (zeros at the start), so a sequence
+    fed in chunks, even of one character, meets the same inputs as whole. Written as a sum of shifted
+    products rather than F.conv1d so that every output is the same arithmetic however the input is cut.
+    """
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, width))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.uniform_(self.weight, -1 / math.sqrt(width), 1 / math.sqrt(width))  # as nn.Conv1d, fan_in = width
+
+    def forward(self, x: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, E = x.shape
+        if window is None:
+            window = x.new_zeros(B, self.width - 1, E)
+        xs = torch.cat([window, x], 1)                                # (B, width-1+T, E)
+        y = self.bias.expand(B, T, E)
+        for k in range(self.width):
+            y = y + xs[:, k : k + T] * self.weight[:, k]              # (B, T, E)
+        return y, xs[:, xs.shape[1] - (self.width - 1) :]             # (B, width-1, E)
+
+
+class ScanLM(nn.Module):
+    """Embedding -> residual blocks -> final norm -> linear head, the shell of the four models.
+
+    Each block is called as `x, layer_state = block(x, layer_state, probe)` with x (B, T, D) and
+    layer_state a tuple of tensors (None at the start); `probe`, a list or None, collects the block's
+    mean memory-gate opening for `gate_openings`. The model's state is the tuple of layer states.
+    """
+
+    preferred_sampling = "stream"  # recurrent: truncated BPTT with the state carried past the window
+    gpu_precision = "32-true"  # products of gates over hundreds of steps: bf16's 8-bit mantissa blurs a ~ 0.999
+    context_size = None  # the state carries all the past: evaluated as streams
+
+    def _build(self, vocab_size: int, hidden_dim: int, blocks: list[nn.Module], norm: nn.Module,
+               dropout: float, tie_weights: bool) -> None:
+        self.embed = nn.Embedding(vocab_size, hidden_dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # as GPT-2 and Mamba: tied logits start near uniform
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.head = nn.Linear(hidden_dim, vocab_size, bias=False)
+        if tie_weights:
+            self.head.weight = self.embed.weight
+
+    def _run(self, idx: torch.Tensor, state, probe: list | None):
+        x = self.drop(self.embed(idx))                                # (B, T, D)
+        states = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state[i], probe)  # (B, T, D)
+            states.append(s)
+        return self.head(self.norm(x)), tuple(states)                 # (B, T, V)
+
+    def forward(self, idx: torch.Tensor, state=None):
+        return self._run(idx, state, None)
+
+    @torch.no_grad()
+    def gate_openings(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per layer, the mean opening of the memory gate (1: keep the past, 0: forget it) on idx, as
+        0-d tensors keyed "layer{i}/retain". Runs in eval mode, then puts every module's mode back."""
+        modes = [(m, m.training) for m in self.modules()]
+        probe: list[torch.Tensor] = []
+        try:
+            self.eval()
+            self._run(idx, None, probe)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return {f"layer{i}/retain": p.float() for i, p in enumerate(probe)}
+
+
+def check_positive(**values) -> None:
+    """Raise ValueError naming `model.KEY=value` for a size that is not positive."""
+    for key, v in values.items():
+        if v <= 0:
+            raise ValueError(f"model.{key}={v}: must be positive")
+
+
+def check_dropout(dropout: float) -> None:
+    if not 0 <= dropout < 1:
+        raise ValueError(f"model.dropout={dropout}: must be in [0, 1)")

@@ -1,0 +1,155 @@
+"""The yardstick: every character of a split scored exactly once, left to right, with all the context
+the model can use. One figure for every model, so any two runs compare.
+
+- A model with unbounded context (every recurrent model, `context_size = None`) is scored as
+  `streams` contiguous streams with the state carried across chunks (`EvalStreams`). The number of
+  streams is fixed by `eval.streams`, not by the training batch size; each stream starts cold once.
+- A model with a window (`context_size = W`, the transformer) is scored by a sliding window of W
+  characters moved by `stride`: each window scores only what the previous one did not
+  (`SlidingWindows`), so every character but the first W has at least W - stride of context.
+
+Both yield `Batch(x, y, reset)` whose targets are IGNORE where a position is padding or was already
+scored, so the loss is `cross_entropy(..., ignore_index=IGNORE, reduction="sum")` over the scored
+targets, divided by their count. Nothing here knows an architecture; `protocol()` names the figure.
+
+A second figure, `window_loss`, matches nanoGPT's printed val loss: the mean loss over random
+windows of 256 characters (or the model's context when smaller), every position from an empty state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IGNORE = -100  # targets that are not scored (padding, or context already scored by an earlier window)
+
+
+class Batch(NamedTuple):
+    """x, y: (B, T) ids; reset: the carried state must be dropped before this batch (a Python bool)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    reset: bool = True
+
+
+class EvalStreams(Dataset):
+    """The split's n-1 targets cut into `streams` contiguous streams of ceil((n-1)/streams) targets,
+    served chunk after chunk (`block_size` characters per chunk). The last stream is padded with
+    IGNORE targets at its end, which no scored position can see. Item i: Batch(x, y, reset=i == 0).
+    `rank`/`world` take every world-th stream starting at rank (DDP: each rank its own share)."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int, streams: int, rank: int = 0, world: int = 1):
+        n_targets = len(ids) - 1
+        self.streams = max(1, min(streams, n_targets))
+        self.stream_len = -(-n_targets // self.streams)  # ceil
+        self.block_size = block_size
+        self.n = -(-self.stream_len // block_size)
+        rows = torch.arange(rank, self.streams, world)
+        pos = rows[:, None] * self.stream_len + torch.arange(self.stream_len + 1)  # (S, L+1) positions
+        valid = pos < len(ids)
+        self.windows = torch.where(valid, ids[pos.clamp(max=len(ids) - 1)].long(), 0)  # (S, L+1)
+        self.targets_valid = valid[:, 1:]  # (S, L): a target exists
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        a, b = i * self.block_size, min((i + 1) * self.block_size, self.stream_len)
+        x = self.windows[:, a:b]                                              # (S, t)
+        y = self.windows[:, a + 1 : b + 1].masked_fill(~self.targets_valid[:, a:b], IGNORE)  # (S, t)
+        return Batch(x, y, i == 0)
+
+
+class SlidingWindows(Dataset):
+    """Windows of `window` characters starting every `stride` characters; window 0 scores all its
+    targets, window k > 0 only its last `stride` (the rest were scored before). Padded at the end of
+    the split with IGNORE. `batch_size` windows per item; every item starts from an empty state."""
+
+    def __init__(self, ids: torch.Tensor, window: int, stride: int, batch_size: int, rank: int = 0, world: int = 1):
+        if not 0 < stride <= window:
+            raise ValueError(f"eval.stride={stride}: must be in 1..{window} (the model's context)")
+        n_targets = len(ids) - 1
+        n_windows = 1 + max(0, -(-(n_targets - window) // stride))
+        starts = torch.arange(n_windows) * stride                                   # (W,)
+        pos = starts[:, None] + torch.arange(window + 1)                            # (W, T+1)
+        valid = pos < len(ids)
+        w = torch.where(valid, ids[pos.clamp(max=len(ids) - 1)].long(), 0)          # (W, T+1)
+        y = w[:, 1:].masked_fill(~valid[:, 1:], IGNORE)                             # (W, T)
+        y[1:, : window - stride] = IGNORE  # already scored by the previous window
+        self.x, self.y = w[:, :-1], y
+        self.order = torch.arange(rank, n_windows, world)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        return Batch(self.x[rows], self.y[rows], True)
+
+
+def eval_dataset(ids: torch.Tensor, context_size: int | None, streams: int, chunk: int, stride: int | None,
+                 batch_size: int, rank: int = 0, world: int = 1) -> Dataset:
+    """The yardstick's batches for a model whose usable context is `context_size` (None: unbounded)."""
+    if context_size is None:
+        return EvalStreams(ids, chunk, streams, rank, world)
+    window = min(context_size, len(ids) - 1)
+    return SlidingWindows(ids, window, min(stride or max(1, window // 2), window), batch_size, rank, world)
+
+
+def protocol(context_size: int | None, streams: int, chunk: int, stride: int | None, chars: int) -> dict:
+    """How the figure was measured, for results.json and the leaderboard."""
+    if context_size is None:
+        return {"kind": "streams", "streams": streams, "chunk": chunk, "chars_scored": chars,
+                "text": f"{streams} streams, state carried, {chars:,} chars scored once"}
+    stride = stride or max(1, context_size // 2)
+    return {"kind": "window", "window": context_size, "stride": stride, "chars_scored": chars,
+            "text": f"sliding window {context_size}, stride {stride}, {chars:,} chars scored once"}
+
+
+def _tree_to(state, device):
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, state)
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, batches, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """(sum of nats, characters scored) over the yardstick batches, the state carried between them
+    unless `reset`. The model must be in eval mode (the caller's choice)."""
+    total, count, state = 0.0, 0, None
+    for x, y, reset in batches:
+        x, y = x.to(device), y.to(device)
+        logits, state = model(x, None if reset else state)                       # (B, T, V)
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                       reduction="sum"))
+        count += int((y != IGNORE).sum())
+    return total, count
+
+
+@torch.no_grad()
+def window_loss(model: torch.nn.Module, ids: torch.Tensor, window: int = 256, batches: int = 20,
+                batch_size: int = 32, seed: int = 1337, device: torch.device | str = "cpu") -> dict:
+    """nanoGPT-style: mean loss over `batches` x `batch_size` random windows of `window` characters,
+    every position scored from an empty state (so early positions have little context)."""
+    window = min(window, len(ids) - 1)
+    g = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    offsets = torch.arange(window + 1)
+    for _ in range(batches):
+        ix = torch.randint(len(ids) - window, (batch_size,), generator=g)
+        w = ids[ix[:, None] + offsets].long().to(device)                         # (B, T+1)
+        logits, _ = model(w[:, :-1])                                              # (B, T, V)
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+        count += w[:, 1:].numel()
+    loss = total / count
+    return {"loss": loss, "bpc": loss / math.log(2), "window": window, "windows": batches * batch_size,
+            "seed": seed}

@@ -1,0 +1,318 @@
+"""The modern recurrent models (minGRU, minLSTM, Hawk, Mamba) and the scans under them.
+
+Scans are checked against the plain loop over time in float64; models against themselves cut into
+chunks, stepped one character at a time, and against the papers' gate formulas written out here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils._pytree import tree_flatten, tree_map
+
+from charlm.models.contract import capabilities
+from charlm.models.hawk import HawkLM
+from charlm.models.mamba import MambaLM
+from charlm.models.mingru import MinGRULM
+from charlm.models.minlstm import MinLSTMLM
+from charlm.models.rnn import RNNLM
+from charlm.models.scan import CausalConv, g, linear_scan, log_g, log_scan, sequential_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 11
+ATOL = {"atol": 1e-5, "rtol": 1e-5}
+TIGHT = {"atol": 1e-12, "rtol": 1e-10}
+CLASSES = {"mingru": MinGRULM, "minlstm": MinLSTMLM, "hawk": HawkLM, "mamba": MambaLM}
+NAMES = list(CLASSES)
+
+
+def tiny(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    opts = {
+        "mingru": {"mlp_mult": 2},
+        "minlstm": {"expansion": 1.5, "mlp_mult": 0},  # a cell wider than the model, with its out projection
+        "hawk": {"mlp_mult": 2},
+        "mamba": {"d_state": 4},
+    }[name]
+    return CLASSES[name](V, **{"hidden_dim": 16, "num_layers": 2, **opts, **kw}).eval()
+
+
+def seq(B: int = 2, T: int = 17, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the scans ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 17, 40, 130])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_log_scan_equals_loop(T, with_h0):
+    gen = torch.Generator().manual_seed(T)
+    log_a = -F.softplus(torch.randn(3, T, 4, generator=gen, dtype=torch.float64))   # a in (0, 1)
+    log_b = torch.randn(3, T, 4, generator=gen, dtype=torch.float64)
+    h0 = torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.1 if with_h0 else None
+    expected = sequential_scan(log_a.exp(), log_b.exp(), h0)
+    for chunk in (16, 64):  # T not a multiple of the chunk, and several chunks
+        got = log_scan(log_a, log_b, None if h0 is None else h0.log(), chunk=chunk).exp()
+        torch.testing.assert_close(got, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 16, 17, 50, 257])
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("rest", [(4,), (3, 2)])
+def test_linear_scan_equals_loop(T, with_h0, rest):
+    gen = torch.Generator().manual_seed(T)
+    a = torch.rand(2, T, *rest, generator=gen, dtype=torch.float64)
+    a[:, ::3] = 1.0  # a = 1 is allowed: a pure accumulator
+    b = torch.randn(2, T, *rest, generator=gen, dtype=torch.float64)   # of both signs
+    h0 = torch.randn(2, *rest, generator=gen, dtype=torch.float64) if with_h0 else None
+    torch.testing.assert_close(linear_scan(a.log(), b, h0), sequential_scan(a, b, h0), **TIGHT)
+
+
+@pytest.mark.parametrize("T", [1, 7, 37])
+def test_linear_scan_gradients_equal_the_loops(T):
+    gen = torch.Generator().manual_seed(0)
+    log_a = (torch.rand(2, T, 3, generator=gen, dtype=torch.float64) * 0.9 + 0.05).log()
+    b = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (lambda la, b, h: linear_scan(la, b, h), lambda la, b, h: sequential_scan(la.exp(), b, h)):
+        inputs = [t.clone().requires_grad_(True) for t in (log_a, b, h0)]
+        (fn(*inputs) * w).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, **TIGHT)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (log_a, b, h0))
+    assert torch.autograd.gradcheck(linear_scan, inputs)
+
+
+def test_float32_scans_survive_strong_decay():
+    """a_t ~ 1e-6 next to a_t ~ 1 over 2000 steps: finite in float32 and close to the float64 loop."""
+    gen = torch.Generator().manual_seed(0)
+    T = 2000
+    strong = torch.rand(2, T, 8, generator=gen) < 0.5
+    a = torch.where(strong, 1e-6, 1 - 1e-4 * torch.rand(2, T, 8, generator=gen)).double()
+    b = torch.randn(2, T, 8, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    expected = sequential_scan(a, b, h0)
+    log_a = a.log().float().requires_grad_(True)
+    got = linear_scan(log_a, b.float(), h0.float())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+    got.sum().backward()
+    assert torch.isfinite(log_a.grad).all()
+    # the log-space scan, positive b
+    expected = sequential_scan(a, b.exp(), None)
+    got = log_scan(a.log().float(), b.float(), None).exp()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_g_is_the_papers_activation():
+    x = torch.tensor([-30.0, -2.0, 0.0, 2.0, 40.0], dtype=torch.float64)
+    expected = torch.tensor([1 / (1 + math.exp(30)), 1 / (1 + math.exp(2)), 0.5, 2.5, 40.5], dtype=torch.float64)
+    torch.testing.assert_close(g(x), expected, **TIGHT)
+    torch.testing.assert_close(log_g(x), expected.log(), **TIGHT)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_causal_conv_is_a_padded_depthwise_conv_in_any_chunks(width):
+    torch.manual_seed(0)
+    conv = CausalConv(5, width)
+    x = torch.randn(2, 9, 5)
+    padded = F.pad(x.transpose(1, 2), (width - 1, 0))                                     # (B, E, width-1+T)
+    expected = F.conv1d(padded, conv.weight.unsqueeze(1), conv.bias, groups=5).transpose(1, 2)  # (B, T, E)
+    whole, _ = conv(x, None)
+    torch.testing.assert_close(whole, expected, **ATOL)
+    outs, window = [], None
+    for piece in x.split([1, 2, 1, 5], 1):
+        y, window = conv(piece, window)
+        outs.append(y)
+    assert torch.equal(torch.cat(outs, 1), whole)
+
+
+# ---- the models -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("cuts", [(1,), (2,), (3,), (1, 2, 3), (5, 6, 11), (1, 4, 9, 30)])
+def test_chunked_equals_whole(name, cuts):
+    model = tiny(name)
+    idx = seq(T=41)  # past the scans' chunk sizes, odd
+    whole, whole_state = model(idx)
+    outs, state, start = [], None, 0
+    for end in (*cuts, idx.shape[1]):
+        logits, state = model(idx[:, start:end], state)
+        outs.append(logits)
+        start = end
+    torch.testing.assert_close(torch.cat(outs, 1), whole, **ATOL)
+    torch.testing.assert_close(state, whole_state, **ATOL)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_by_step_equals_parallel(name):
+    model = tiny(name)
+    idx = seq(T=20)
+    whole, _ = model(idx)
+    outs, state = [], None
+    for t in range(idx.shape[1]):
+        logits, state = model(idx[:, t : t + 1], state)
+        outs.append(logits)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, **ATOL)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_causal(name):
+    model = tiny(name)
+    idx = seq(T=20)
+    t = 8
+    changed = idx.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % V
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], **ATOL)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_tensors_that_detach_and_continue(name):
+    model = tiny(name).train()
+    idx = seq(T=12)
+    _, state = model(idx[:, :5])
+    leaves, _ = tree_flatten(state)
+    assert leaves and all(isinstance(x, torch.Tensor) for x in leaves)
+    detached = tree_map(lambda x: x.detach(), state)
+    later, _ = model(idx[:, 5:], detached)
+    torch.testing.assert_close(later, model(idx)[0][:, 5:], **ATOL)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_reaches_the_embedding_from_far_back(name):
+    model = tiny(name).train()
+    idx = seq(T=30)
+    leaves = []
+
+    def swap(module, inputs, out):  # the embedding output as a leaf, to read d logits / d e_s
+        leaves.append(out.detach().requires_grad_(True))
+        return leaves[-1]
+
+    handle = model.embed.register_forward_hook(swap)
+    try:
+        logits, _ = model(idx)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(logits[:, -1].logsumexp(-1).sum() + logits[:, -1, 0].sum(), leaves[0])
+    assert torch.isfinite(grad).all()
+    assert (grad[:, 0].norm(dim=-1) > 0).all()  # the first character reaches the last prediction
+    logits, _ = model(idx)
+    F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad[idx.unique()].abs().sum() > 0
+
+
+def expected_retain_layer0(model, idx: torch.Tensor) -> torch.Tensor:
+    """The mean memory gate of layer 0, from the papers' formulas (not the models' code paths)."""
+    block = model.blocks[0]
+    x = model.embed(idx)                                                       # (B, T, D)
+    if isinstance(model, (MinGRULM, MinLSTMLM)):
+        k = block.cell.proj(block.norm1(x))
+        if isinstance(model, MinGRULM):
+            z = torch.sigmoid(k[..., : k.shape[-1] // 2])
+            return (1 - z).mean()
+        f, i, _ = torch.sigmoid(k).chunk(3, -1)
+        return (f / (f + i)).mean()
+    if isinstance(model, HawkLM):
+        rec = block.rec
+        u = rec.inp(block.norm1(x)).transpose(1, 2)                            # (B, W, T)
+        u = F.conv1d(F.pad(u, (3, 0)), rec.conv.weight.unsqueeze(1), rec.conv.bias, groups=u.shape[1])
+        r = torch.sigmoid(rec.lru.gate_a(u.transpose(1, 2)))
+        return (torch.sigmoid(rec.lru.a_param) ** (8 * r)).mean()
+    ssm = block.mixer
+    u = ssm.in_proj(block.norm(x))[..., : ssm.D.shape[0]].transpose(1, 2)      # (B, E, T)
+    u = F.conv1d(F.pad(u, (3, 0)), ssm.conv.weight.unsqueeze(1), ssm.conv.bias, groups=u.shape[1])
+    u = F.silu(u.transpose(1, 2))
+    dt = F.softplus(ssm.dt_proj(ssm.x_proj(u)[..., : ssm.dt_rank]))           # (B, T, E)
+    A = -torch.exp(ssm.A_log)
+    return torch.exp(dt[..., None] * A).mean()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gate_openings(name):
+    model = tiny(name, num_layers=3).train()
+    model.blocks[1].eval()  # a mixed state must come back as it was
+    modes = [m.training for m in model.modules()]
+    idx = seq(T=15)
+    gates = model.gate_openings(idx)
+    assert [m.training for m in model.modules()] == modes
+    assert set(gates) == {"layer0/retain", "layer1/retain", "layer2/retain"}
+    for value in gates.values():
+        assert value.dim() == 0 and 0 <= float(value) <= 1
+    with torch.no_grad():
+        torch.testing.assert_close(gates["layer0/retain"], expected_retain_layer0(model, idx), **ATOL)
+    model.eval()
+    model.gate_openings(idx)
+    assert not any(m.training for m in model.modules())
+    assert capabilities(model).gate_openings is not None
+
+
+def test_inits_are_the_papers():
+    hawk = tiny("hawk")
+    a_c = torch.sigmoid(hawk.blocks[0].rec.lru.a_param) ** 8
+    assert (a_c >= 0.9 - 1e-6).all() and (a_c <= 0.999 + 1e-6).all() and a_c.std() > 0.01
+    mamba = tiny("mamba")
+    ssm = mamba.blocks[0].mixer
+    dt = F.softplus(ssm.dt_proj.bias)
+    assert (dt >= 1e-3 * (1 - 1e-4)).all() and (dt <= 0.1 * (1 + 1e-4)).all()
+    torch.testing.assert_close(-torch.exp(ssm.A_log[0]), -torch.arange(1.0, 5.0))  # S4D-real: A_n = -(n+1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract(name):
+    model = tiny(name)
+    caps = capabilities(model)
+    assert caps.preferred_sampling == "stream" and caps.evaluation == "streams"
+    assert caps.token_embedding is model.embed
+    assert caps.gpu_precision == "32-true"
+    for p in list(inspect.signature(CLASSES[name]).parameters.values()):
+        hint = typing.get_type_hints(CLASSES[name].__init__)[p.name]
+        assert hint in (int, float, bool, str) or typing.get_origin(hint) is typing.Literal, (p.name, hint)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, key",
+    [
+        ("mingru", {"hidden_dim": 0}, "model.hidden_dim=0"),
+        ("minlstm", {"num_layers": -1}, "model.num_layers=-1"),
+        ("mingru", {"mlp_mult": -1}, "model.mlp_mult=-1"),
+        ("hawk", {"dropout": 1.0}, "model.dropout=1.0"),
+        ("hawk", {"conv_width": 0}, "model.conv_width=0"),
+        ("mamba", {"dt_rank": -2}, "model.dt_rank=-2"),
+        ("mamba", {"d_state": 0}, "model.d_state=0"),
+    ],
+)
+def test_impossible_values_name_the_key(name, kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        CLASSES[name](V, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_yaml_lists_every_argument_and_is_sized_like_the_lstm(name):
+    from hydra.utils import instantiate
+
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
+    assert path.read_text().startswith("# ")
+    cfg = OmegaConf.load(path)
+    params = set(inspect.signature(CLASSES[name]).parameters) - {"vocab_size"}
+    assert set(cfg) - {"_target_"} == params
+    model = instantiate(cfg, vocab_size=65)
+    assert isinstance(model, CLASSES[name])
+    lstm = sum(p.numel() for p in RNNLM(65).parameters())
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.9 * lstm < n < 1.1 * lstm, (n, lstm)
