@@ -18,194 +18,22 @@ import dataclasses
 import inspect
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from charlm.errors import ConfigError
-
-PRIMITIVES = (int, float, bool, str)
-PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "64",
-              "transformer-engine", "16", "bf16")
-
-
-@dataclass
-class ClipConfig:
-    algorithm: str = "norm"           # norm | value
-    value: float = 1.0                # >= 0; 0 disables clipping
-
-
-@dataclass
-class SampleDuringTraining:
-    prompt: str = "\n"
-    n_chars: int = 200
-    temperature: float = 0.8
-
-
-@dataclass
-class EvalConfig:
-    streams: int = 8
-    chunk: int = 256
-    stride: Optional[int] = None
-    batch_size: int = 64
-    max_chars: Optional[int] = None
-    window: int = 256
-    window_batches: int = 20
-
-
-@dataclass
-class TrainerConfig:
-    """The Lightning Trainer arguments charlm's configs use (others: `+trainer.KEY=...` is refused)."""
-
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "auto"
-    max_steps: int = 5000
-    max_time: Optional[str] = None
-    val_check_interval: Any = 1000
-    check_val_every_n_epoch: Optional[int] = None
-    log_every_n_steps: int = 50
-    num_sanity_val_steps: int = 0
-    enable_model_summary: bool = False
-    enable_progress_bar: bool = True
-    benchmark: Optional[bool] = None
-    deterministic: Optional[bool] = None
-    limit_val_batches: Any = None
-    accumulate_grad_batches: int = 1
-
-
-@dataclass
-class TrainTop:
-    """`python -m charlm.train`'s own keys."""
-
-    seed: int = 1337
-    ckpt_path: Optional[str] = None
-    stop_at_step: Optional[int] = None
-    gradflow_every: Optional[int] = None
-    gates_every: Optional[int] = None
-    divergence_factor: Optional[float] = 10.0
-    compile: bool = False
-
-
-@dataclass
-class SampleTop:
-    ckpt_path: str = MISSING
-    prompt: str = ""
-    n_chars: int = 500
-    temperature: float = 0.8
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
-    num_samples: int = 1
-    unknown: str = "error"
-    infill: Optional[str] = None
-    mask_char: str = "_"
-    device: str = "auto"
-
-
-@dataclass
-class GradflowTop:
-    models: Any = field(default_factory=lambda: ["rnn", "lstm", "gru", "transformer"])
-    out_dir: str = "reports"
-    steps: int = 200
-    seq_len: int = 100
-    n_rows: int = 32
-    batch_size: int = 32
-    lr: float = 3e-3
-    clip: float = 1.0
-    ckpt_path: Optional[str] = None
-    data_path: Optional[str] = None
-    device: str = "auto"
-    seed: int = 1337
-    model: dict = field(default_factory=dict)
-
-
-@dataclass
-class ReportTop:
-    size: str = "cpu"
-    out_dir: str = "reports"
-    models: Any = field(default_factory=lambda: ["rnn", "lstm", "gru", "transformer"])
-    span_threshold: float = 0.9
-    device: str = "auto"
-    seed: int = 1337
-    presets: Any = None
-
-
-# Ranges and choices, by dotted key (a `*` matches one level: any model's key of that name).
-def _pos(v):
-    return v > 0
-
-
-def _nonneg(v):
-    return v >= 0
-
-
-RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "seed": (_nonneg, ">= 0"),
-    "stop_at_step": (_pos, "> 0"),
-    "gradflow_every": (_pos, "> 0"),
-    "gates_every": (_pos, "> 0"),
-    "divergence_factor": (_pos, "> 0"),
-    "clip.value": (_nonneg, ">= 0 (0 disables clipping)"),
-    "clip.algorithm": (lambda v: v in ("norm", "value"), "one of norm, value"),
-    "sample.n_chars": (_nonneg, ">= 0"),
-    "n_chars": (_nonneg, ">= 0"),
-    "top_k": (_pos, ">= 1 (or null)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (or null)"),
-    "num_samples": (_pos, ">= 1"),
-    "unknown": (lambda v: v in ("error", "skip"), "one of error, skip"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda", "mps") or str(v).startswith("cuda:"), "auto, cpu, cuda or mps"),
-    "mask_char": (lambda v: len(v) == 1, "a single character"),
-    "eval.streams": (_pos, ">= 1"),
-    "eval.chunk": (_pos, ">= 1"),
-    "eval.stride": (_pos, ">= 1 (or null: half the context)"),
-    "eval.batch_size": (_pos, ">= 1"),
-    "eval.max_chars": (lambda v: v >= 2, ">= 2 (or null: the whole split)"),
-    "eval.window": (lambda v: v >= 1, ">= 1"),
-    "eval.window_batches": (_nonneg, ">= 0 (0 skips the nanoGPT-style figure)"),
-    "trainer.max_steps": (_pos, "a positive number of steps"),
-    "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS[:6])}"),
-    "trainer.val_check_interval": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                                   "a positive number (steps, or a fraction of an epoch)"),
-    "trainer.log_every_n_steps": (_pos, ">= 1"),
-    "trainer.num_nodes": (_pos, ">= 1"),
-    "trainer.accumulate_grad_batches": (_pos, ">= 1"),
-    "trainer.limit_val_batches": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-                                  "a number >= 0 (or null)"),
-    "data.block_size": (_pos, "a positive integer"),
-    "data.batch_size": (_pos, "a positive integer"),
-    "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "data.test_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "data.sampling": (lambda v: v in ("auto", "random", "stream"), "one of auto, random, stream"),
-    "data.errors": (lambda v: v in ("strict", "replace"), "one of strict, replace"),
-    "optim.lr": (_pos, "> 0"),
-    "optim.weight_decay": (_nonneg, ">= 0"),
-    "optim.momentum": (_nonneg, ">= 0"),
-    "optim.eps": (_pos, "> 0"),
-    "scheduler.warmup_steps": (_nonneg, ">= 0"),
-    "scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "scheduler.pct_start": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "model.*_dim": (_pos, "a positive integer"),
-    "model.num_layers": (_pos, "a positive integer"),
-    "model.n_layer": (_pos, "a positive integer"),
-    "model.n_head": (_pos, "a positive integer"),
-    "model.n_embd": (_pos, "a positive integer"),
-    "model.block_size": (lambda v: v >= 2, ">= 2"),
-    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "steps": (_nonneg, ">= 0"),
-    "span_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "size": (lambda v: v in ("tiny", "cpu", "gpu"), "one of tiny, cpu, gpu"),
-    "seq_len": (lambda v: v >= 2, ">= 2"),
-    "n_rows": (_pos, ">= 1"),
-    "batch_size": (_pos, ">= 1"),
-    "lr": (_pos, "> 0"),
-    "clip": (_nonneg, ">= 0"),
-}
-
+from charlm.schemas import (
+    PRIMITIVES,
+    RULES,
+    ClipConfig,
+    EvalConfig,
+    SampleDuringTraining,
+    TrainerConfig,
+    TrainTop,
+)
 
 # ---- schemas derived from a `_target_` ----------------------------------------------------------
 
@@ -229,6 +57,11 @@ def _omegaconf_type(hint) -> tuple[Any, tuple | None]:
             return (Optional[t] if optional and t is not Any else t), choices
         if set(prims) == {int, float}:
             return (Optional[float] if optional else float), None
+        if str in prims:  # str holds ints and floats too
+            return (Optional[str] if optional else str), None
+        if bool in prims and all(typing.get_origin(a) is typing.Literal for a in prims if a is not bool):
+            literals = tuple(v for a in prims if a is not bool for v in typing.get_args(a))
+            return Any, (True, False, *literals) + ((None,) if optional else ())
         return Any, None
     if origin in (list, tuple, typing.Sequence, __import__("collections.abc").abc.Sequence):
         inner = [a for a in args if a is not Ellipsis]
@@ -237,6 +70,18 @@ def _omegaconf_type(hint) -> tuple[Any, tuple | None]:
     if origin is dict or hint is dict:
         return Any, None
     return Any, None
+
+
+def _hints_one_by_one(fn) -> dict:
+    """Type hints of `fn`'s parameters that can be resolved, skipping those that cannot."""
+    namespace = {**vars(typing), **getattr(fn, "__globals__", {})}
+    hints = {}
+    for name, ann in getattr(fn, "__annotations__", {}).items():
+        try:
+            hints[name] = eval(ann, namespace) if isinstance(ann, str) else ann  # noqa: S307 - annotations only
+        except Exception:  # noqa: BLE001
+            continue
+    return hints
 
 
 _SCHEMAS: dict[str, tuple[type, dict]] = {}
@@ -255,8 +100,8 @@ def target_schema(target_path: str) -> tuple[type, dict[str, tuple]]:
     fn = target.__init__ if inspect.isclass(target) else target
     try:
         hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to the defaults' types
-        hints = {}
+    except Exception:  # noqa: BLE001 - one unresolvable annotation: resolve the others one by one
+        hints = _hints_one_by_one(fn)
     params = inspect.signature(target).parameters
     open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
     fields, choices = [("_target_", str, field(default=target_path)), ("_partial_", bool, field(default=False)),
@@ -271,6 +116,9 @@ def target_schema(target_path: str) -> tuple[type, dict[str, tuple]]:
         if int in (t, *typing.get_args(t)) and float not in (t, *typing.get_args(t)) and isinstance(p.default, float):
             t = float
         default = p.default if p.default is not p.empty else None  # required: filled at call time (_partial_)
+        if isinstance(default, (list, tuple)) and typing.get_origin(t) is list:
+            fields.append((name, t, field(default_factory=lambda d=list(default): list(d))))
+            continue
         if isinstance(default, (list, dict, tuple)) or (default is not MISSING and not _storable(default)):
             default = None if not isinstance(default, (list, dict, tuple)) else MISSING
             t = Any
@@ -295,25 +143,35 @@ def _type_name(t) -> str:
     if typing.get_origin(t) is typing.Union:
         inner = [a for a in typing.get_args(t) if a is not type(None)]
         return f"{_type_name(inner[0])} or null"
+    if typing.get_origin(t) is list:
+        return f"a list of {_type_name(typing.get_args(t)[0])}s".replace("an integers", "integers").replace(
+            "a numbers", "numbers").replace("a strings", "strings")
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, str(t))
 
 
 def _merge(schema, node: DictConfig, prefix: str, allow_extra: bool) -> DictConfig:
     """Validate `node` against `schema` with OmegaConf; one ConfigError naming the key on failure."""
-    base = OmegaConf.structured(schema)
-    if allow_extra:
-        OmegaConf.set_struct(base, False)
+    def base():
+        b = OmegaConf.structured(schema)
+        if allow_extra:
+            OmegaConf.set_struct(b, False)
+        return b
+
     try:
-        return OmegaConf.merge(base, node)
+        return OmegaConf.merge(base(), node)
     except OmegaConfBaseException as e:
-        key = f"{prefix}{e.full_key}" if getattr(e, "full_key", None) else prefix.rstrip(".")
-        leaf = str(getattr(e, "full_key", "") or "").split(".")[-1]
-        value = node.get(leaf, "?") if isinstance(node, DictConfig) and leaf else "?"
         hints = typing.get_type_hints(schema)
-        if type(e).__name__ == "ConfigKeyError" or leaf not in hints:
-            known = ", ".join(sorted(h for h in hints if not h.startswith("_")))
-            raise ConfigError(f"unknown config key {key} (known: {known})") from None
-        raise ConfigError(f"{key}={_show(value)}: expected {_type_name(hints[leaf])}") from None
+        for key in node:  # find the key that failed, to name it
+            if key not in hints and not allow_extra:
+                known = ", ".join(sorted(h for h in hints if not h.startswith("_")))
+                raise ConfigError(f"unknown config key {prefix}{key} (known: {known})") from None
+            try:
+                OmegaConf.merge(base(), {key: node[key]})
+            except OmegaConfBaseException:
+                if dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+                    _merge(hints[key], node[key], f"{prefix}{key}.", allow_extra=False)  # names the inner key
+                raise ConfigError(f"{prefix}{key}={_show(node[key])}: expected {_type_name(hints[key])}") from None
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {str(e).splitlines()[0]}") from None
 
 
 def _show(v) -> str:
@@ -336,8 +194,14 @@ def _rule_for(key: str):
 def _check_ranges(node, prefix: str, choices: dict | None = None) -> None:
     for key, value in node.items() if isinstance(node, (dict, DictConfig)) else ():
         full = f"{prefix}{key}"
-        if isinstance(value, (DictConfig, dict)) or value is None or str(key).startswith("_"):
+        if value is None or str(key).startswith("_"):
             continue
+        if isinstance(value, (DictConfig, dict)):
+            if _rule_for(full) is not None:  # a mapping where a rule expects a value
+                raise ConfigError(f"{full}={_show(value)}: must be {_rule_for(full)[1]}")
+            continue
+        if isinstance(value, ListConfig):
+            value = OmegaConf.to_container(value)
         if choices and key in choices and value not in choices[key]:
             raise ConfigError(f"{full}={value}: must be one of {', '.join(map(str, choices[key]))}")
         rule = _rule_for(full)
@@ -364,10 +228,20 @@ def check_target_group(node: DictConfig, prefix: str) -> DictConfig:
     return merged
 
 
+def _resolved(cfg: DictConfig) -> DictConfig:
+    """A plain copy of `cfg` without the hydra section, interpolations resolved (one error line if one cannot be)."""
+    try:
+        keys = [k for k in cfg if k != "hydra"]
+        return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config key {getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+
+
 def check_sections(cfg: DictConfig, schemas: dict[str, type], top: type | None, targets: tuple[str, ...] = (),
                    target_maps: tuple[str, ...] = ()) -> None:
     """Check `cfg`: each fixed section against its dataclass, each `_target_` group against its target,
     each map of `_target_` entries (logger, callbacks) entry by entry, the rest against `top`."""
+    cfg = _resolved(cfg)
     known = set(schemas) | set(targets) | set(target_maps)
     with_target = {}
     for name in targets:
@@ -391,4 +265,4 @@ def check_train(cfg: DictConfig) -> None:
     """Every key of a composed train config: types, ranges, choices; one ConfigError on the first bad one."""
     check_sections(cfg, {"trainer": TrainerConfig, "clip": ClipConfig, "sample": SampleDuringTraining,
                          "eval": EvalConfig}, TrainTop,
-                   targets=("model", "data", "optim", "scheduler"), target_maps=("logger", "callbacks"))
+                   targets=("data", "model", "optim", "scheduler"), target_maps=("logger", "callbacks"))

@@ -1,4 +1,5 @@
-"""CharDataModule: text through HF `datasets` -> ids -> random windows or contiguous streams.
+"""CharDataModule: a corpus (charlm.corpus) -> ids -> random windows or contiguous streams for training,
+and the yardstick's passes (charlm.yardstick) for validation.
 
 Batch k of training is a pure function of (seed, k), so a resumed run draws exactly the
 batches the uninterrupted run would have drawn: the data position is the step counter.
@@ -6,100 +7,15 @@ batches the uninterrupted run would have drawn: the data position is the step co
 
 from __future__ import annotations
 
-import codecs
-import glob
-import hashlib
-import io
-import json
-import os
-import tempfile
-import warnings
-from importlib import resources
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from charlm.atomic import atomic_path, write_json
-from charlm.errors import CorpusError, UnknownCharError
+from charlm.corpus import _torch_ids, encode_corpus
+from charlm.errors import CorpusError
 from charlm.vocab import CharVocab
 from charlm.yardstick import Batch, eval_dataset
-
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".html", ".py")
-
-
-def embedded_corpus(name: str = "tinyshakespeare") -> str:
-    """Path of a corpus shipped inside the package."""
-    path = resources.files("charlm.corpora") / f"{name}.txt"
-    if not path.is_file():
-        raise CorpusError(f"no embedded corpus named {name!r}")
-    return str(path)
-
-
-def resolve_files(path: str) -> list[str]:
-    """A file, a folder (its text files, recursively) or a glob -> sorted list of files."""
-    p = Path(os.path.expanduser(path))
-    if p.is_file():
-        return [str(p)]
-    if p.is_dir():
-        files = sorted(
-            str(f) for f in p.rglob("*")
-            if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES and not f.name.startswith(".")
-        )
-        if not files:
-            raise CorpusError(f"{path}: folder has no text files ({', '.join(TEXT_SUFFIXES[:3])}, ...)")
-        return files
-    if any(ch in path for ch in "*?["):
-        files = sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
-        if not files:
-            raise CorpusError(f"{path}: glob matches no files")
-        return files
-    raise CorpusError(f"{path}: no such file or folder")
-
-
-def _check_readable(files: list[str], errors: str) -> None:
-    """Fail early, naming the file, on empty, binary or non-UTF-8 input."""
-    for f in files:
-        with open(f, "rb") as fh:
-            head = fh.read(1 << 16)
-        if errors == "strict" and b"\x00" in head:
-            raise CorpusError(f"{f}: looks binary (NUL bytes); pass data.errors=replace to read it anyway")
-
-
-def load_lines(path: str | None, errors: str = "strict"):
-    """The corpus as an Arrow-backed `datasets.Dataset` of lines with their line breaks kept, read with
-    `datasets.load_dataset("text", ...)`: concatenating the rows gives the files' text back exactly.
-    Arrow keeps it on disk, so a corpus larger than RAM can be read batch by batch."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    files = resolve_files(path or embedded_corpus())
-    _check_readable(files, errors)
-    try:
-        return datasets.load_dataset(
-            "text", data_files=files, sample_by="line", keep_linebreaks=True, split="train",
-            encoding_errors=errors,
-        )
-    except Exception as e:  # noqa: BLE001 - datasets wraps decode errors in its own exception types
-        cause = e
-        while cause is not None and not isinstance(cause, UnicodeDecodeError):
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, UnicodeDecodeError):
-            raise CorpusError(
-                f"{path}: not UTF-8 ({cause.reason} at byte {cause.start}); "
-                "pass data.errors=replace to read it anyway"
-            ) from None
-        raise CorpusError(f"{path}: could not read corpus ({type(e).__name__}: {e})") from None
-
-
-def iter_text(ds, chars_per_chunk: int = 1 << 23):
-    """The corpus text in chunks of roughly `chars_per_chunk` characters."""
-    rows = max(1, chars_per_chunk // 64)
-    for batch in ds.iter(batch_size=rows):
-        yield "".join(batch["text"])
 
 
 class RandomWindows(IterableDataset):
@@ -154,139 +70,6 @@ class Streams(IterableDataset):
             reset = pos == 0  # a new pass over the streams: carried state must be dropped (a bool: no sync)
             yield Batch(w[:, :-1], w[:, 1:], reset)
             k += 1
-
-
-def cache_dir() -> Path:
-    """Where encoded corpora are cached (CHARLM_CACHE, default ~/.cache/charlm)."""
-    return Path(os.environ.get("CHARLM_CACHE") or Path.home() / ".cache" / "charlm")
-
-
-def _torch_ids(ids: np.ndarray) -> torch.Tensor:
-    """A tensor over the same memory (no copy of a memory map); uint16 widens to int32 for torch."""
-    if ids.dtype == np.uint16:
-        ids = ids.astype(np.int32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only memory maps are fine: ids are never written
-        return torch.from_numpy(ids)
-
-
-def corpus_key(files: list[str], errors: str) -> str:
-    """Content hash of the corpus files (and the decode policy): the cache key."""
-    h = hashlib.sha256(errors.encode())
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        h.update(b"\0end-of-file\0")
-    return h.hexdigest()[:32]
-
-
-CACHE_FORMAT = 2  # bump when the cache layout changes: older entries are rebuilt
-
-
-def _read_fresh(files: list[str], errors: str, h, chunk_bytes: int = 1 << 23):
-    """The corpus text in chunks, read from the files themselves (never through the `datasets` cache, which
-    knows local files by path and mtime only), decoded as `datasets`' "text" loader decodes them (UTF-8,
-    universal newlines). Every byte read also goes into the hash `h`, as `corpus_key` hashes it."""
-    h.update(errors.encode())
-    for f in files:
-        dec = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(errors), translate=True)
-        pos = 0
-        with open(f, "rb") as fh:
-            while True:
-                data = fh.read(chunk_bytes)
-                h.update(data)
-                pending = len(dec.getstate()[0])  # bytes of a character cut at the previous chunk's end
-                try:
-                    text = dec.decode(data, final=not data)
-                except UnicodeDecodeError as e:
-                    raise CorpusError(
-                        f"{f}: not UTF-8 ({e.reason} at byte {pos - pending + e.start}); "
-                        "pass data.errors=replace to read it anyway"
-                    ) from None
-                pos += len(data)
-                if text:
-                    yield text
-                if not data:
-                    break
-        h.update(b"\0end-of-file\0")
-
-
-def _cached_ids(ids_path: Path, vocab_path: Path, meta_path: Path, key: str):
-    """(vocab, ids) from the cache, or None when an entry is missing, unreadable or does not match its meta
-    (length, dtype, vocabulary size): such an entry is rebuilt, never trusted."""
-    try:
-        meta = json.loads(meta_path.read_text())
-        vocab = CharVocab.from_dict(json.loads(vocab_path.read_text()))
-        ids = np.load(ids_path, mmap_mode="r")
-    except (OSError, ValueError, EOFError, KeyError, TypeError):
-        return None
-    ok = (
-        isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT and meta.get("key") == key
-        and meta.get("vocab_size") == len(vocab) and meta.get("dtype") == vocab.id_dtype.name
-        and ids.dtype == vocab.id_dtype and ids.ndim == 1 and ids.shape[0] == meta.get("n")
-    )
-    return (vocab, ids) if ok else None
-
-
-def encode_corpus(path: str | None, errors: str = "strict") -> tuple[CharVocab, torch.Tensor]:
-    """The corpus's own vocabulary and its ids, encoded once per content hash and memory-mapped after.
-
-    On a cache miss the files are read fresh, twice, a chunk at a time (vocabulary and length, then ids
-    written into a memory-mapped `.npy`), so memory stays flat whatever the corpus size. The ids are stored
-    compactly (uint8, uint16 or int32 following the vocabulary size) in `cache_dir()/HASH.ids.npy`, with the
-    vocabulary and a meta file (length, dtype) beside them; every file is written atomically, the meta last.
-    A cache entry whose ids do not match its meta is rebuilt.
-    """
-    files = resolve_files(path or embedded_corpus())
-    _check_readable(files, errors)
-    key = corpus_key(files, errors)
-    folder = cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError:  # read-only home: encode into a temporary folder
-        folder = Path(tempfile.mkdtemp(prefix="charlm-"))
-    ids_path, vocab_path = folder / f"{key}.ids.npy", folder / f"{key}.vocab.json"
-    meta_path = folder / f"{key}.meta.json"
-    cached = _cached_ids(ids_path, vocab_path, meta_path, key)
-    if cached is not None:
-        return cached[0], _torch_ids(cached[1])
-    changed = CorpusError(f"{path or 'corpus'}: changed while it was being read; run again")
-    h = hashlib.sha256()
-    points, n = set(), 0
-    for chunk in _read_fresh(files, errors, h):
-        cp = np.frombuffer(chunk.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
-        points.update(np.unique(cp).tolist())
-        n += len(cp)
-    if h.hexdigest()[:32] != key:
-        raise changed
-    if n == 0:
-        raise CorpusError(f"{path or 'corpus'}: empty")
-    vocab = CharVocab([chr(p) for p in sorted(points)])
-    h = hashlib.sha256()
-    with atomic_path(ids_path, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.id_dtype, shape=(n,))
-        pos = 0
-        for chunk in _read_fresh(files, errors, h):
-            try:
-                ids = vocab.encode_array(chunk)
-            except UnknownCharError:
-                raise changed from None
-            if pos + len(ids) > n:
-                raise changed
-            out[pos : pos + len(ids)] = ids
-            pos += len(ids)
-        out.flush()
-        del out
-        if pos != n or h.hexdigest()[:32] != key:
-            raise changed
-    write_json(vocab_path, vocab.to_dict())
-    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": n, "dtype": vocab.id_dtype.name,
-                           "vocab_size": len(vocab)})
-    return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
 
 
 class CharDataModule(L.LightningDataModule):

@@ -23,11 +23,12 @@ from torch import nn
 from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import CONF_DIR, compose, hydra_main
-from charlm.config import GradflowTop, check_sections
+from charlm.config import check_sections
 from charlm.data import CharDataModule
 from charlm.errors import ConfigError
 from charlm.gradients import gradient_flow, plot_flow
 from charlm.models.contract import build_model, capabilities
+from charlm.schemas import GradflowTop
 
 # ---- the CLI ------------------------------------------------------------------------------
 

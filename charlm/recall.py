@@ -1,104 +1,193 @@
 """`data=recall`: a synthetic memory-span task, served as ordinary next-character prediction.
 
-The text is a stream of episodes, each
+The text is one continuous stream of fillers (".abc...") with distractor symbols ("ABC...")
+sprinkled among them, into which episodes are dropped at random offsets:
 
-    S....?S\\n      or, with n_fillers=4,     Sa.cb?S\\n
+    ..a.C.b!Db.A..c.?D.b..a!Ba?B.A..!Fc.?F..
 
-(a symbol S, `lag` fillers, the cue "?", S again, a newline), S drawn from the first `n_symbols`
-capital letters, fillers from the first `n_fillers` of ".abc...", the lag in [min_lag, max_lag],
-uniform by default, or log-uniform (as many lags of 1-2 as of 32-64: a curriculum that lets even
-a vanilla RNN learn long lags step by step). After "?" the next character is the symbol seen
-lag+1 characters earlier: predicting it needs a memory that spans the lag, and random fillers
-make that memory hold against noise; the rest is unpredictable (fillers, next symbol) or trivial.
-`val/recall_acc` is the accuracy at the recall positions (the input is "?" and its symbol lies
-inside the window), logged by `RecallAccuracy`; `lag_accuracy` scores one lag at a time.
+An episode is the marker "!", the symbol S to keep, `lag` characters (fillers and distractors),
+the cue "?" and S again. After "?" the next character is the symbol that followed the last "!":
+predicting it needs a memory that holds S for lag+1 characters and is selective (a distractor,
+the same kind of character, must not overwrite it; "the last capital letter" is wrong as soon as
+one falls between). Gaps between episodes are random and windows start anywhere in the stream,
+so the position of S within a window is uniform and carries no information (a transformer cannot
+attend to a fixed slot), and a window holds several episodes when lags are short.
+
+Curriculum (the design choice, see REPORT.md): training batches are generated on the fly, and
+the longest lag grows geometrically from `curriculum_start` to `max_lag` over the first
+`curriculum_steps` steps, with lags log-uniform below that cap (each octave of lags as common as
+the next) all along. A model first learns the task where it can (a vanilla RNN at lags of a few
+characters, instead of drowning in lags it can never bridge) and keeps those short lags in every
+batch while the long ones arrive: one run per model shows its best short-lag ability and its
+limit, for the price of one run (one run per lag bucket would cost one run per bucket).
+
+Batches: `sampling=stream` (recurrent models) serves `batch_size` independent endless streams,
+chunk after chunk with the state carried (truncated BPTT: the gradient stops at each chunk of
+`block_size`, the state does not); `sampling=random` serves windows at random offsets of fresh
+streams. Batch k is a pure function of (seed, k) either way (a resumed run replays the streams).
+The val split is a fixed stream with the full lag range, scored by the yardstick; `val/recall_acc`
+is the accuracy at the cue positions. The lag-by-lag probe lives in `charlm.probe`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import IterableDataset
 
-from charlm.data import CharDataModule, RandomWindows
+from charlm.data import CharDataModule
 from charlm.errors import CorpusError
 from charlm.vocab import CharVocab
-from charlm.yardstick import Batch
+from charlm.yardstick import IGNORE, Batch
 
 SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-FILLERS, CUE, SEP = ".abcdefghijklmnopqrstuvwxyz", "?", "\n"
-
-
-def episode(symbol: str, filler: str, pad: int = 0) -> str:
-    """One episode: the symbol, the fillers, the cue, the symbol again, 1 + pad newlines."""
-    return f"{symbol}{filler}{CUE}{symbol}{SEP * (1 + pad)}"
-
-
-def sample_lags(rng: np.random.Generator, n: int, min_lag: int, max_lag: int, dist: str) -> np.ndarray:
-    """n lags in [min_lag, max_lag]: `uniform`, or `log` (lag+1 log-uniform: each scale as common as the next)."""
-    if dist == "uniform":
-        return rng.integers(min_lag, max_lag + 1, n)
-    lo, hi = np.log(min_lag + 1), np.log(max_lag + 2)
-    return np.minimum(np.floor(np.exp(rng.uniform(lo, hi, n))).astype(np.int64) - 1, max_lag)
-
-
-def episode_stream(n_chars: int, n_symbols: int, n_fillers: int, min_lag: int, max_lag: int, seed: int,
-                   dist: str = "uniform", padded: bool = False) -> str:
-    """At least `n_chars` characters of whole episodes (symbols, fillers and lags from `seed`);
-    `padded`: newlines make every episode max_lag + 4 characters long."""
-    rng = np.random.default_rng(seed)
-    n = -(-n_chars // (max_lag + 4)) if padded else n_chars // (min_lag + 4) + 1  # enough whole episodes
-    syms = rng.integers(0, n_symbols, n)
-    lags = sample_lags(rng, n, min_lag, max_lag, dist)
-    fill = np.array(list(FILLERS[:n_fillers]))[rng.integers(0, n_fillers, int(lags.sum()))]
-    ends = np.cumsum(lags)
-    text = "".join(episode(SYMBOLS[s], "".join(fill[e - g : e]), max_lag - g if padded else 0)
-                   for s, g, e in zip(syms, lags, ends))
-    return text if padded else text[: text.index(SEP, n_chars - 1) + 1]  # whole episodes, about n_chars
+FILLERS, MARK, CUE = ".abcdefghijklmnopqrstuvwxyz", "!", "?"
 
 
 def recall_vocab(n_symbols: int, n_fillers: int) -> CharVocab:
-    return CharVocab(SYMBOLS[:n_symbols] + FILLERS[:n_fillers] + CUE + SEP)
+    return CharVocab(SYMBOLS[:n_symbols] + FILLERS[:n_fillers] + MARK + CUE)
 
 
-def recall_mask(x: torch.Tensor, cue_id: int, filler_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: positions whose input is the cue and whose symbol (the last non-filler
-    character before it) lies inside the window, so the target is predictable from x alone."""
-    T = x.shape[1]
-    pos = torch.arange(T, device=x.device).expand_as(x)                   # (B, T)
-    filler = torch.isin(x, filler_ids.to(x.device))                       # (B, T)
-    last = torch.where(~filler, pos, torch.full_like(pos, -1))            # (B, T): own index if non-filler
-    last = last.cummax(dim=1).values                                      # (B, T): last non-filler at or before t
-    before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)  # (B, T): strictly before t
-    return (x == cue_id) & (before >= 0)
+@dataclass(frozen=True)
+class Task:
+    """The stream's parameters and the ids of its characters in `vocab`."""
+
+    vocab: CharVocab
+    n_symbols: int = 8
+    n_fillers: int = 8
+    p_distract: float = 0.25   # probability that a filler slot holds a random symbol instead
+    max_gap: int = 16          # fillers between two episodes: uniform in 0..max_gap
+    min_lag: int = 0
+    lag_dist: str = "log"      # log (lag+1 log-uniform) | uniform
+
+    @property
+    def symbols(self) -> np.ndarray:
+        return np.array([self.vocab.stoi[c] for c in SYMBOLS[: self.n_symbols]])
+
+    @property
+    def fillers(self) -> np.ndarray:
+        return np.array([self.vocab.stoi[c] for c in FILLERS[: self.n_fillers]])
+
+    def lags(self, rng: np.random.Generator, n: int, max_lag: int) -> np.ndarray:
+        """n lags in [min_lag, max_lag]: uniform, or log-uniform in lag+1 (each scale as common as the next)."""
+        if self.lag_dist == "uniform":
+            return rng.integers(self.min_lag, max_lag + 1, n)
+        lo, hi = math.log(self.min_lag + 1), math.log(max_lag + 2)
+        return np.minimum(np.floor(np.exp(rng.uniform(lo, hi, n))).astype(np.int64) - 1, max_lag)
+
+    def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n,) filler ids, each replaced by a random symbol (a distractor) with probability p_distract."""
+        out = self.fillers[rng.integers(0, self.n_fillers, n)]
+        hit = rng.random(n) < self.p_distract
+        out[hit] = self.symbols[rng.integers(0, self.n_symbols, int(hit.sum()))]
+        return out
+
+    def episodes(self, rng: np.random.Generator, lags: np.ndarray) -> np.ndarray:
+        """One episode per lag, each a random gap of noise then "!S", lag noise, "?S": (sum of lengths,) ids."""
+        gaps = rng.integers(0, self.max_gap + 1, len(lags))
+        lens = gaps + lags + 4
+        mark = np.cumsum(lens) - lens + gaps                 # (m,) where each "!" goes
+        out = self.noise(rng, int(lens.sum()))
+        sym = self.symbols[rng.integers(0, self.n_symbols, len(lags))]
+        out[mark], out[mark + 1] = self.vocab.stoi[MARK], sym
+        out[mark + lags + 2], out[mark + lags + 3] = self.vocab.stoi[CUE], sym
+        return out
+
+    def stream(self, rng: np.random.Generator, n: int, max_lag: int, per_call: int = 64) -> np.ndarray:
+        """At least n ids of whole episodes with lags up to max_lag."""
+        parts, total = [], 0
+        while total < n:
+            parts.append(self.episodes(rng, self.lags(rng, per_call, max_lag)))
+            total += len(parts[-1])
+        return np.concatenate(parts)
 
 
-def recall_hits(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cue_id: int, filler_ids: torch.Tensor):
-    """(correct, total) argmax predictions at the recall positions of a batch; logits (B, T, V)."""
-    mask = recall_mask(x, cue_id, filler_ids)                            # (B, T)
-    correct = (logits.argmax(-1) == y) & mask                             # (B, T)
-    return int(correct.sum()), int(mask.sum())
+def lag_cap(step: int, max_lag: int, curriculum_steps: int, start: int) -> int:
+    """The longest lag at training step `step`: start+1 -> max_lag+1 geometrically over curriculum_steps."""
+    if curriculum_steps <= 0 or step >= curriculum_steps or start >= max_lag:
+        return max_lag
+    frac = step / curriculum_steps
+    return min(max_lag, int(round((start + 1) * ((max_lag + 1) / (start + 1)) ** frac)) - 1)
+
+
+class EpisodeBatches(IterableDataset):
+    """Endless Batch(x, y, reset) of (B, T) from fresh episode streams, the lag cap following the curriculum.
+
+    stream: row b of batch k continues row b of batch k-1 (one rng per row; a resumed run replays
+    the first `start` batches). random: batch k draws its own streams and cuts each window at a
+    random offset past one longest episode (a burn-in, so the window's phase is random).
+    """
+
+    def __init__(self, task: Task, block_size: int, batch_size: int, seed: int, max_lag: int,
+                 curriculum_steps: int, curriculum_start: int, stream: bool, start: int = 0):
+        self.task, self.T, self.B, self.seed = task, block_size, batch_size, seed
+        self.curriculum = (max_lag, curriculum_steps, curriculum_start)
+        self.stream, self.start = stream, start
+
+    def cap(self, k: int) -> int:
+        return lag_cap(k, *self.curriculum)
+
+    def _streams(self):
+        rngs = [np.random.default_rng([self.seed, b]) for b in range(self.B)]
+        bufs = [np.zeros(0, np.int64)] * self.B
+        k = 0
+        while True:
+            need = self.T + 1 if k == 0 else self.T       # later windows reuse the previous window's last id
+            for b, rng in enumerate(rngs):
+                if len(bufs[b]) < need:
+                    bufs[b] = np.concatenate([bufs[b], self.task.stream(rng, need, self.cap(k))])
+            if k == 0:
+                w = np.stack([buf[: self.T + 1] for buf in bufs])              # (B, T+1)
+            else:
+                w = np.concatenate([w[:, -1:], np.stack([buf[: self.T] for buf in bufs])], 1)  # (B, T+1)
+            bufs = [buf[need:] for buf in bufs]
+            yield k, w
+            k += 1
+
+    def _random(self):
+        k = self.start
+        while True:
+            rng = np.random.default_rng([self.seed, 1 << 20, k])
+            burn = self.cap(k) + self.task.max_gap + 4      # one longest episode
+            rows = []
+            for _ in range(self.B):
+                s = self.task.stream(rng, 2 * burn + self.T + 1, self.cap(k))
+                off = int(rng.integers(burn, 2 * burn))
+                rows.append(s[off : off + self.T + 1])
+            yield k, np.stack(rows)                                           # (B, T+1)
+            k += 1
+
+    def __iter__(self):
+        for k, w in self._streams() if self.stream else self._random():
+            if k >= self.start:
+                w = torch.from_numpy(w).long()
+                yield Batch(w[:, :-1], w[:, 1:], k == 0)
 
 
 class RecallAccuracy(L.Callback):
-    """Logs `val/recall_acc`: accuracy at the recall positions over the whole val pass."""
+    """Logs `val/recall_acc`: argmax accuracy at the cue positions over the whole val pass (each scored
+    once, with the context the yardstick gives the model: its state carried, or its window)."""
 
     def __init__(self, vocab: CharVocab):
         self.cue_id = vocab.stoi[CUE]
-        self.filler_ids = torch.tensor([i for c, i in vocab.stoi.items() if c in FILLERS])
         self.correct = self.total = 0
+        self._state = None
         self.history: list[tuple[int, float]] = []  # (step, accuracy) per validation
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.correct = self.total = 0
+        self._state = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        x, y = batch[0], batch[1]
-        logits, _ = pl_module.model(x)                                    # (B, T, V)
-        c, n = recall_hits(logits, x, y, self.cue_id, self.filler_ids)
-        self.correct += c
-        self.total += n
+        x, y, reset = batch
+        logits, self._state = pl_module.model(x, None if reset else self._state)  # (B, T, V)
+        mask = (x == self.cue_id) & (y != IGNORE)                                   # (B, T)
+        self.correct += int(((logits.argmax(-1) == y) & mask).sum())
+        self.total += int(mask.sum())
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         acc = self.correct / self.total if self.total else float("nan")
@@ -107,106 +196,50 @@ class RecallAccuracy(L.Callback):
             self.history.append((trainer.global_step, acc))
 
 
-@torch.no_grad()
-def lag_accuracy(model: torch.nn.Module, vocab: CharVocab, lag: int, n_symbols: int, n_fillers: int,
-                 n: int = 256, seed: int = 0) -> float:
-    """Recall accuracy at one lag: n rows "\\n S ....? " (lag fillers), each scored at its last position."""
-    g = torch.Generator().manual_seed(seed * 7919 + lag)
-    ids = torch.tensor([vocab.stoi[c] for c in SYMBOLS[:n_symbols]])[torch.randint(0, n_symbols, (n,), generator=g)]
-    fillers = torch.tensor([vocab.stoi[c] for c in FILLERS[:n_fillers]])
-    fill = fillers[torch.randint(0, n_fillers, (n, lag), generator=g)]     # (n, lag)
-    x = torch.cat([torch.full((n, 1), vocab.stoi[SEP]), ids[:, None], fill,
-                   torch.full((n, 1), vocab.stoi[CUE])], 1)                    # (n, lag+3)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logits, _ = model(x.to(device))                                         # (n, lag+3, V)
-    model.train(was_training)
-    return float((logits[:, -1].argmax(-1).cpu() == ids).float().mean())
-
-
-def episode_starts(ids: torch.Tensor, sep_id: int, block_size: int) -> torch.Tensor:
-    """Offsets of the newlines just before a symbol, where a window of block_size+1 ids still fits."""
-    head = ids[: max(0, len(ids) - block_size)]  # a window at p needs ids[p : p + block_size + 1]
-    starts = ((head == sep_id) & (ids[1 : len(head) + 1] != sep_id)).nonzero().flatten()
-    if len(starts) == 0:
-        raise CorpusError(f"recall: no whole window of data.block_size={block_size} starts at an episode; "
-                          "raise data.n_chars or lower data.max_lag")
-    return starts
-
-
-class EpisodeEvalBatches(Dataset):
-    """A deterministic pass: windows that start at an episode, each the first such start at or after
-    the previous window's end, `batch_size` windows per item."""
-
-    def __init__(self, ids: torch.Tensor, starts: torch.Tensor, block_size: int, batch_size: int):
-        chosen, nxt = [], 0
-        for s in starts.tolist():
-            if s >= nxt:
-                chosen.append(s)
-                nxt = s + block_size
-        self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
-        self.offsets = torch.tensor(chosen)
-
-    def __len__(self) -> int:
-        return -(-len(self.offsets) // self.batch_size)
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        ix = self.offsets[i * self.batch_size : (i + 1) * self.batch_size]
-        w = self.ids[ix[:, None] + torch.arange(self.block_size + 1)].long()  # (b, T+1)
-        return Batch(w[:, :-1], w[:, 1:], True)
-
-
 class RecallDataModule(CharDataModule):
-    """CharDataModule over an episode stream.
-
-    `aligned` (the default): one episode per window. Newlines pad every episode to max_lag + 4
-    characters and each window starts at the newline before a symbol, so with block_size =
-    max_lag + 3 a window holds exactly one episode and the model meets its symbol with a fresh
-    state, as `lag_accuracy` scores it; recalling means finding the one symbol, not the most
-    recent of several (which a transformer with absolute positions learns slowly). Otherwise
-    windows start anywhere in an unpadded stream, as in a text corpus (sampling=stream too).
-    """
+    """CharDataModule over the episode stream: fresh training batches (curriculum), a fixed val stream."""
 
     def __init__(
         self,
         n_symbols: int = 8,
         n_fillers: int = 8,
+        p_distract: float = 0.25,
+        max_gap: int = 16,
         min_lag: int = 0,
         max_lag: int = 64,
-        n_chars: int = 300_000,
-        lag_dist: str = "uniform",
-        aligned: bool = True,
+        lag_dist: str = "log",
+        curriculum_steps: int = 0,
+        curriculum_start: int = 4,
+        n_chars: int = 50_000,
         name: str = "recall",
         block_size: int = 128,
         batch_size: int = 32,
-        eval_batch_size: int = 256,
-        val_fraction: float = 0.1,
+        val_fraction: float = 0.5,
         sampling: str = "random",
         seed: int = 1337,
         vocab: CharVocab | None = None,
     ):
         super().__init__(name=name, block_size=block_size, batch_size=batch_size,
                          val_fraction=val_fraction, sampling=sampling, seed=seed, vocab=vocab)
-        self.eval_batch_size = eval_batch_size
-        if not 1 <= n_symbols <= len(SYMBOLS):
-            raise ValueError(f"data.n_symbols={n_symbols}: must be in 1..{len(SYMBOLS)}")
-        if not 1 <= n_fillers <= len(FILLERS):
-            raise ValueError(f"data.n_fillers={n_fillers}: must be in 1..{len(FILLERS)}")
-        if not 0 <= min_lag <= max_lag:
-            raise ValueError(f"data.min_lag={min_lag}, data.max_lag={max_lag}: need 0 <= min_lag <= max_lag")
-        if lag_dist not in ("log", "uniform"):
-            raise ValueError(f"data.lag_dist={lag_dist!r}: must be 'log' or 'uniform'")
-        self.n_symbols, self.min_lag, self.max_lag, self.n_chars = n_symbols, min_lag, max_lag, n_chars
-        if aligned and block_size < max_lag + 3:
-            raise ValueError(f"data.block_size={block_size}: aligned windows must hold a whole episode, "
-                             f"max_lag + 3 = {max_lag + 3} characters")
-        self.n_fillers, self.lag_dist, self.aligned = n_fillers, lag_dist, aligned
+        checks = {"n_symbols": 1 <= n_symbols <= len(SYMBOLS), "n_fillers": 1 <= n_fillers <= len(FILLERS),
+                  "p_distract": 0 <= p_distract < 1, "max_gap": max_gap >= 0, "min_lag": 0 <= min_lag <= max_lag,
+                  "lag_dist": lag_dist in ("log", "uniform"), "curriculum_steps": curriculum_steps >= 0,
+                  "curriculum_start": curriculum_start >= 0}
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"data.{key}={locals()[key]!r}: out of range (see conf/data/recall.yaml)")
+        self.n_symbols, self.n_fillers, self.p_distract, self.max_gap = n_symbols, n_fillers, p_distract, max_gap
+        self.min_lag, self.max_lag, self.lag_dist, self.n_chars = min_lag, max_lag, lag_dist, n_chars
+        self.curriculum_steps, self.curriculum_start = curriculum_steps, curriculum_start
+
+    @property
+    def task(self) -> Task:
+        return Task(self.vocab, self.n_symbols, self.n_fillers, self.p_distract, self.max_gap, self.min_lag,
+                    self.lag_dist)
 
     def prepare(self) -> None:
-        """Generate the episode stream from `seed`, then encode and split it as any corpus."""
+        """Generate the fixed stream (full lag range) from `seed` and split it; training draws fresh episodes,
+        so `splits["train"]` is only a sample of the training distribution (sizes, logs)."""
         if self.splits:
             return
         own = recall_vocab(self.n_symbols, self.n_fillers)
@@ -215,31 +248,18 @@ class RecallDataModule(CharDataModule):
         elif any(c not in self.vocab.stoi for c in own.chars):
             missing = "".join(sorted(set(own.chars) - set(self.vocab.chars)))
             raise CorpusError(f"recall: the checkpoint's vocabulary lacks {missing!r}")
-        text = episode_stream(self.n_chars, self.n_symbols, self.n_fillers, self.min_lag, self.max_lag, self.seed,
-                              self.lag_dist, padded=self.aligned)
-        ids = torch.from_numpy(self.vocab.encode_array(text).astype(np.int32))
+        rng = np.random.default_rng([self.seed, 1 << 30])
+        ids = torch.from_numpy(self.task.stream(rng, self.n_chars, self.max_lag)[: self.n_chars].astype(np.int32))
         n_val = int(len(ids) * self.val_fraction)
         self.splits = {"train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val :], "test": ids[:0]}
-        for split in ("train", "val"):
-            if len(self.splits[split]) < self.block_size + 1:
-                raise CorpusError(f"recall: {split} split has {len(self.splits[split])} characters, "
-                                  f"fewer than one window (data.block_size={self.block_size} + 1); raise data.n_chars")
+        if len(self.splits["val"]) < self.block_size + 1:
+            raise CorpusError(f"recall: val split has {n_val} characters, fewer than one window "
+                              f"(data.block_size={self.block_size} + 1); raise data.n_chars")
 
     def train_dataset(self, start: int = 0) -> IterableDataset:
-        if not self.aligned or self.sampling == "stream":
-            return super().train_dataset(start)
-        ids = self.splits["train"]
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        starts = episode_starts(ids, self.vocab.stoi[SEP], self.block_size)
-        return RandomWindows(ids, self.block_size, self.batch_size, self.seed + 7919 * rank, start, starts=starts)
-
-    def val_dataloader(self) -> DataLoader:
-        if not self.aligned or self.sampling == "stream":
-            return super().val_dataloader()
-        ids = self.splits["val"]
-        ds = EpisodeEvalBatches(ids, episode_starts(ids, self.vocab.stoi[SEP], self.block_size), self.block_size,
-                                self.eval_batch_size)
-        return DataLoader(ds, batch_size=None, shuffle=False, generator=torch.Generator())
+        return EpisodeBatches(self.task, self.block_size, self.batch_size, self.seed + 7919 * rank, self.max_lag,
+                              self.curriculum_steps, self.curriculum_start, self.sampling == "stream", start)
 
     def callbacks(self) -> list[L.Callback]:
         """Task metrics for charlm.train: `val/recall_acc`."""

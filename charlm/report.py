@@ -1,9 +1,11 @@
 """`python -m charlm.report [size=tiny|cpu|gpu] [out_dir=reports]`: vanishing and exploding gradients, measured.
 
 Writes OUT_DIR/gradient_flow.png/json (charlm.gradflow), clipping.png/json (experiment=clip_off vs
-clip_on, per-step loss and pre-clip gradient norm), memory_span.png/json (recall accuracy vs lag
-for each model trained on data=recall) and REPORT.md, which shows the figures and the numbers.
-Sizes come from `presets.SIZE` in conf/report.yaml (`cpu`: ~15 min on 2 cores; `tiny`: ~1 min).
+clip_on, per-step loss and pre-clip gradient norm), memory_span.png/json (recall accuracy vs lag for
+each model trained on data=recall, over seeds, and the truncated-BPTT runs), gates.png/json (gate
+openings over training, lag-gradient curves, the forget-gate claim; charlm.span_study) and REPORT.md,
+which shows the figures and the numbers. Models: `models` in conf/report.yaml, those with a
+conf/model/NAME.yaml. Sizes come from `presets.SIZE` (`cpu`: ~20 min on 2 cores; `tiny`: ~1 min).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from charlm.atomic import write_atomic, write_json
 from charlm.build import build
 from charlm.cli import CONF_DIR, compose, hydra_main
-from charlm.config import ReportTop, check_sections, check_train
+from charlm.config import check_sections, check_train
 from charlm.errors import ConfigError, DivergenceError
+from charlm.schemas import ReportTop
+from charlm.span_study import available, markdown, memory_span_study
 
 
 class StepRecorder(L.Callback):
@@ -54,7 +58,7 @@ def fit(overrides: list[str], sizes: dict, device: str, callbacks: list = (), se
     evaluation, clipping), without loggers, progress bar or kept checkpoints. Model keys in `sizes`
     replace the model config's where it has them. Returns (module, dm, callbacks)."""
     base = [f"trainer={'gpu' if device == 'cuda' else 'cpu'}", "logger=none", "callbacks=none", f"seed={seed}",
-            "trainer.enable_progress_bar=false", "gates_every=null", "sample.n_chars=0", *overrides]
+            "++trainer.enable_progress_bar=false", "gates_every=null", "sample.n_chars=0", *overrides]
     model_keys = _compose(base).model
     cfg = _compose(base + [f"model.{k}={v}" for k, v in sizes.items() if k in model_keys])
     check_train(cfg)
@@ -77,13 +81,13 @@ def _plt():
 # ---- the three studies ----------------------------------------------------------------------
 
 
-def gradient_flow_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
+def gradient_flow_study(cfg: DictConfig, preset: DictConfig, out: Path, models: list[str]) -> dict:
     """conf/gradflow.yaml's defaults with the preset's `gradflow` section, written by charlm.gradflow."""
     from charlm import gradflow
 
     gf = OmegaConf.load(Path(CONF_DIR) / "gradflow.yaml")
     gf = OmegaConf.masked_copy(gf, [k for k in gf if k not in ("defaults", "hydra")])
-    gf = OmegaConf.merge(gf, preset.gradflow, {"models": cfg.models, "device": cfg.device, "seed": cfg.seed})
+    gf = OmegaConf.merge(gf, preset.gradflow, {"models": models, "device": cfg.device, "seed": cfg.seed})
     curves = gradflow.measure(gf)
     gradflow.write(curves, out, f"Gradient flow, seq_len {gf.seq_len}, init (dashed) vs {gf.steps} steps (solid)")
     return {"seq_len": gf.seq_len, "steps": gf.steps, "curves": curves}
@@ -129,52 +133,6 @@ def clipping_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
     return runs
 
 
-def memory_span_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
-    """Each model trained on data=recall, then scored at every lag of the ladder."""
-    from charlm.recall import RecallAccuracy, lag_accuracy
-
-    rp = preset.recall
-    data = [f"data.{k}={v}" for k, v in rp.data.items()]
-    sizes = OmegaConf.to_container(rp.model, resolve=True)
-    models, dm = {}, None
-    for name in cfg.models:
-        t0 = time.perf_counter()
-        overrides = [f"model={name}", "data=recall", *data, f"trainer.max_steps={rp.steps}",
-                     f"trainer.val_check_interval={rp.steps}", f"optim.lr={rp.lr.get(name, rp.lr.default)}"]
-        module, dm, cbs = fit(overrides, sizes, cfg.device, seed=cfg.seed)
-        acc = [lag_accuracy(module.model, dm.vocab, lag, dm.n_symbols, dm.n_fillers, rp.n_eval, cfg.seed)
-               for lag in rp.lags]
-        passed = [lag for lag, a in zip(rp.lags, acc) if a >= cfg.span_threshold]
-        val_acc = next(cb for cb in cbs if isinstance(cb, RecallAccuracy)).history[-1][1]
-        models[name] = {"accuracy": acc, "span": max(passed) if passed else None, "val_recall_acc": val_acc,
-                        "params": sum(p.numel() for p in module.model.parameters()),
-                        "seconds": time.perf_counter() - t0}
-        print(f"report: recall {name}: span {'none' if not passed else max(passed)}, accuracy by lag "
-              + " ".join(f"{lag}:{a:.2f}" for lag, a in zip(rp.lags, acc)))
-    task = {"lags": list(rp.lags), "threshold": cfg.span_threshold, "steps": rp.steps, "n_eval": rp.n_eval,
-            **{k: getattr(dm, k) for k in ("n_symbols", "n_fillers", "min_lag", "max_lag", "lag_dist", "block_size")}}
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, r) in enumerate(models.items()):  # shrinking markers: curves that coincide stay visible
-        span = "none" if r["span"] is None else r["span"]
-        ax.plot(task["lags"], r["accuracy"], "o-", ms=10 - 2 * (i % 4), lw=2.5 - 0.5 * (i % 4), color=f"C{i}",
-                label=f"{name} (span {span})")
-    ax.axhline(cfg.span_threshold, color="gray", ls="--", lw=0.8, label=f"threshold {cfg.span_threshold:g}")
-    ax.axhline(1 / task["n_symbols"], color="gray", ls=":", lw=0.8, label="chance")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set(xlabel="lag (fillers between the symbol and the cue)", ylabel="recall accuracy",
-           title=f"Memory span (data=recall, {rp.steps} steps, lags {task['min_lag']}..{task['max_lag']})",
-           xlim=(-0.3, max(task["lags"]) * 1.15), ylim=(0, 1.05))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "memory_span.png", dpi=120)
-    plt.close(fig)
-    results = {"task": task, "models": models}
-    write_json(out / "memory_span.json", results)
-    return results
-
-
 # ---- REPORT.md ------------------------------------------------------------------------------
 
 
@@ -203,7 +161,7 @@ def _ratio(curve: list[float], k: int) -> str:
 
 
 def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict, seconds: dict) -> None:
-    """REPORT.md: how and where it was made, the three figures, and their numbers as tables."""
+    """REPORT.md: how and where it was made, the figures, and their numbers as tables."""
     T = gf["seq_len"]
     lags = sorted({min(10, T - 1), T // 2, T - 1})
     md = [
@@ -232,20 +190,7 @@ def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict,
         finite = [v for v in r["grad_norm"] if math.isfinite(v)] or [float("nan")]
         md.append(f"| {name} | {r['clip']:g} | {len(r['loss'])} | {r['loss'][0]:.2f} | {r['loss'][-1]:.3g} | "
                   f"{max(finite):.3g} | {r['diverged'] or 'trained'} |")
-    task = span["task"]
-    md += ["", "## Memory span", "",
-           f"`data=recall`: episodes of a symbol, `lag` random fillers, the cue `?` and the symbol again. Each "
-           f"model is trained for {task['steps']} steps on lags {task['min_lag']}..{task['max_lag']} "
-           f"({task['lag_dist']}, {task['n_symbols']} symbols, {task['n_fillers']} fillers), then scored after the "
-           f"cue on {task['n_eval']} fresh episodes per lag. Span: the largest lag with accuracy >= "
-           f"{task['threshold']:g} (chance: {1 / task['n_symbols']:.2f}).", "",
-           "![memory span](memory_span.png)", "",
-           "| model | params | span | val/recall_acc | " + " | ".join(f"lag {g}" for g in task["lags"]) + " |",
-           "|---|---|---|---|" + "---|" * len(task["lags"])]
-    for name, r in span["models"].items():
-        s = "none" if r["span"] is None else f"{r['span']}" + (" (all tested)" if r["span"] == task["lags"][-1] else "")
-        md.append(f"| {name} | {r['params']:,} | {s} | {r['val_recall_acc']:.3f} | "
-                  + " | ".join(f"{a:.2f}" for a in r["accuracy"]) + " |")
+    md += ["", *markdown(span)]
     write_atomic(out / "REPORT.md", "\n".join(md) + "\n")
 
 
@@ -258,12 +203,17 @@ def _job(cfg: DictConfig) -> None:
     preset = cfg.presets[cfg.size]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    models, missing = available(cfg.models)
+    if missing:
+        print(f"report: no conf/model/NAME.yaml for {', '.join(missing)}: left out")
+    if not models:
+        raise ConfigError(f"models={list(cfg.models)}: none has a conf/model/NAME.yaml")
     seconds, t0 = {}, time.perf_counter()
-    gf = gradient_flow_study(cfg, preset, out)
+    gf = gradient_flow_study(cfg, preset, out, models)
     seconds["gradient flow"], t0 = time.perf_counter() - t0, time.perf_counter()
     clip = clipping_study(cfg, preset, out)
     seconds["clipping"], t0 = time.perf_counter() - t0, time.perf_counter()
-    span = memory_span_study(cfg, preset, out)
+    span = memory_span_study(cfg, preset, out, models)
     seconds["memory span"] = time.perf_counter() - t0
     write_markdown(cfg, out, gf, clip, span, seconds)
     print(f"report: wrote {out}/REPORT.md in {sum(seconds.values()) / 60:.1f} min")

@@ -10,10 +10,11 @@ import torch
 
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
-from charlm.config import SampleTop, check_sections
+from charlm.config import check_sections
 from charlm.errors import SampleArgError
 from charlm.generate import check_args, generate
 from charlm.models.contract import capabilities
+from charlm.schemas import SampleTop
 
 
 def _quote_free_text(argv: list[str]) -> list[str]:

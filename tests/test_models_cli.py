@@ -8,7 +8,8 @@ from conftest import run_cli, tiny_model_overrides
 
 MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
 COMMON = ["trainer=cpu", "logger=csv", "trainer.max_steps=40", "trainer.val_check_interval=40",
-          "trainer.log_every_n_steps=1", "data.batch_size=16", "data.block_size=32", "eval.chunk=1024", "eval.window_batches=1",
+          "trainer.log_every_n_steps=1", "data.batch_size=16", "data.block_size=32",
+          "eval.chunk=1024", "eval.window_batches=1",
           "optim.lr=1e-2", "scheduler.warmup_steps=5", "sample.n_chars=0"]
 
 

@@ -84,7 +84,7 @@ def test_birnn_aux_loss_is_backward_cross_entropy():
     torch.testing.assert_close(loss, torch.stack(terms).mean(), **ATOL)
     loss.backward()  # trains the backward stack, not the forward one
     assert model.bwd.weight_hh_l0.grad.abs().sum() > 0
-    assert model.fwd.weight_hh_l0.grad is None
+    assert model.rnn.weight_hh_l0.grad is None
 
 
 @pytest.mark.parametrize("name", GPTS)

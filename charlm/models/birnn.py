@@ -2,50 +2,47 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from charlm.errors import SampleArgError
-from charlm.models.rnn import CELLS
+from charlm.models.rnn import TORCH_RNNS, RecurrentLM, init_forget_bias
 
 
-class BiRNNLM(nn.Module):
+class BiRNNLM(RecurrentLM):
     """A forward stack predicts x[t+1] from x[..t]; a backward stack predicts x[t-1] from x[t..].
 
     The two share the embedding and the output layer only, so neither direction can read the
-    character it predicts. `forward` is the forward direction alone (state: that stack's h or
-    (h, c)), so training, chunking, causality and sampling work as for any left-to-right model;
-    `aux_losses` adds the backward direction's loss to training, and `infill` uses both.
+    character it predicts. `forward` is the forward direction alone (the shell's `rnn`; state:
+    that stack's h or (h, c)), so training, chunking, causality and sampling work as for any
+    left-to-right model; `aux_losses` adds the backward direction's loss to training, and
+    `infill` uses both.
     """
 
-    gpu_precision = "32-true"  # cuDNN RNN kernels: fp32 or 16-mixed, never bf16-mixed
     preferred_sampling = "random"  # the backward direction cannot carry state forward in time
 
     def __init__(
         self,
         vocab_size: int,
-        cell: str = "lstm",
+        cell: Literal["rnn", "lstm", "gru"] = "lstm",
         embed_dim: int = 64,
         hidden_dim: int = 256,
         num_layers: int = 1,
         dropout: float = 0.0,
+        forget_bias: float = 0.0,
     ):
-        super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(CELLS)}")
-        self.embed = nn.Embedding(vocab_size, embed_dim)
+        if cell not in TORCH_RNNS:
+            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(TORCH_RNNS)}")
         drop_between = dropout if num_layers > 1 else 0.0
-        self.fwd = CELLS[cell](embed_dim, hidden_dim, num_layers, batch_first=True, dropout=drop_between)
-        self.bwd = CELLS[cell](embed_dim, hidden_dim, num_layers, batch_first=True, dropout=drop_between)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_dim, vocab_size)
+        def stack():
+            return TORCH_RNNS[cell](embed_dim, hidden_dim, num_layers, batch_first=True, dropout=drop_between)
 
-    def forward(self, idx: torch.Tensor, state=None):
-        x = self.embed(idx)                   # (B, T, E)
-        out, state = self.fwd(x, state)       # (B, T, H)
-        logits = self.head(self.drop(out))    # (B, T, V): position t predicts idx[t+1]
-        return logits, state
+        super().__init__(vocab_size, cell, stack, embed_dim, hidden_dim, dropout, forget_bias, tie_weights=False)
+        self.bwd = stack()
+        if cell == "lstm" and forget_bias:
+            init_forget_bias(self.bwd, forget_bias)
 
     def backward_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T, V): position t predicts idx[t-1] from idx[t:] (position 0 predicts what came before)."""

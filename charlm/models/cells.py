@@ -132,7 +132,7 @@ class SingleGateGRUCell(Cell):
         return h, h
 
 
-CELLS: dict[str, type[Cell]] = {
+PY_CELLS: dict[str, type[Cell]] = {
     "lstm": LSTMCell,
     "gru": GRUCell,
     "gru_tanh_out": TanhOutGRUCell,
@@ -152,9 +152,9 @@ class CellStack(nn.Module):
     ):
         super().__init__()
         if isinstance(cell, str):
-            if cell not in CELLS:
-                raise ValueError(f"cell={cell!r}: must be one of {sorted(CELLS)}")
-            cell = CELLS[cell]
+            if cell not in PY_CELLS:
+                raise ValueError(f"cell={cell!r}: must be one of {sorted(PY_CELLS)}")
+            cell = PY_CELLS[cell]
         self.layers = nn.ModuleList(
             cell(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers)
         )

@@ -6,23 +6,23 @@ Python cells can be checked against cuDNN (`load_from_cudnn`) and timed against 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from torch import nn
 
-from charlm.models.cells import CELLS, CellStack
-from charlm.models.rnn import RNNLM
+from charlm.models.cells import PY_CELLS, CellStack
+from charlm.models.rnn import RNNLM, RecurrentLM
 
 
-class GatedRNNLM(nn.Module):
-    """Embedding -> CellStack -> dropout -> linear head. State: one h or (h, c) per layer."""
+class GatedRNNLM(RecurrentLM):
+    """The recurrent shell on the Python cells of cells.py. State: one h or (h, c) per layer."""
 
     gpu_precision = "32-true"  # custom cells: fp32 by default (16-mixed works too)
-    preferred_sampling = "stream"  # data.sampling=auto: truncated BPTT, like RNNLM
 
     def __init__(
         self,
         vocab_size: int,
-        cell: str = "gru_tanh_out",
+        cell: Literal["lstm", "gru", "gru_tanh_out", "gru_single_gate"] = "gru_tanh_out",
         embed_dim: int = 64,
         hidden_dim: int = 256,
         num_layers: int = 1,
@@ -30,30 +30,12 @@ class GatedRNNLM(nn.Module):
         forget_bias: float = 1.0,
         tie_weights: bool = False,
     ):
-        super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(CELLS)}")
-        if tie_weights and embed_dim != hidden_dim:
-            raise ValueError(f"model.tie_weights needs embed_dim == hidden_dim (got {embed_dim} and {hidden_dim})")
-        self.cell = cell
-        self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.rnn = CellStack(cell, embed_dim, hidden_dim, num_layers, dropout if num_layers > 1 else 0.0)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_dim, vocab_size)
-        if tie_weights:
-            self.head.weight = self.embed.weight
-        if cell == "lstm" and forget_bias:
-            # as RNNLM: forget slice (i, f, g, o) of bias_ih = value, of bias_hh = 0
-            for layer in self.rnn.layers:
-                with torch.no_grad():
-                    layer.bias_ih[hidden_dim : 2 * hidden_dim] = forget_bias
-                    layer.bias_hh[hidden_dim : 2 * hidden_dim] = 0.0
+        if cell not in PY_CELLS:
+            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(PY_CELLS)}")
+        def stack():
+            return CellStack(cell, embed_dim, hidden_dim, num_layers, dropout if num_layers > 1 else 0.0)
 
-    def forward(self, idx: torch.Tensor, state=None):
-        x = self.embed(idx)                # (B, T, E)
-        out, state = self.rnn(x, state)    # (B, T, H)
-        logits = self.head(self.drop(out))  # (B, T, V)
-        return logits, state
+        super().__init__(vocab_size, cell, stack, embed_dim, hidden_dim, dropout, forget_bias, tie_weights)
 
 
 @torch.no_grad()

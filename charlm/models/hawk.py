@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.scan import CausalConv, ScanLM, check_dropout, check_positive, linear_scan
+from charlm.models.scan import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive, linear_scan
 
 C = 8.0  # the paper's constant: a_t = a^(c r_t)
 
@@ -70,7 +70,7 @@ class RecurrentBlock(nn.Module):
         u, window = self.conv(self.inp(x), window)            # (B, T, W), (B, K-1, W)
         h = self.lru(u, h0, probe)                            # (B, T, W)
         y = F.gelu(self.gate(x)) * h                          # (B, T, W)
-        return self.out(y), (window, h[:, -1])                # (B, T, D)
+        return self.out(y), (window, h[:, -1].clone())        # (B, T, D)
 
 
 class HawkBlock(nn.Module):
@@ -79,9 +79,9 @@ class HawkBlock(nn.Module):
 
     def __init__(self, dim: int, width: int, mlp_mult: int, conv_width: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim)
+        self.norm1 = RMSNorm(dim)
         self.rec = RecurrentBlock(dim, width, conv_width)
-        self.norm2 = nn.RMSNorm(dim)
+        self.norm2 = RMSNorm(dim)
         self.up = nn.Linear(dim, 2 * mlp_mult * dim)          # gate and up branches at once
         self.down = nn.Linear(mlp_mult * dim, dim)
         self.drop = nn.Dropout(dropout)
@@ -116,4 +116,4 @@ class HawkLM(ScanLM):
             raise ValueError(f"model.rnn_width={rnn_width}: must be >= 0 (0: 4/3 of hidden_dim, as the paper)")
         width = rnn_width or math.ceil(4 * hidden_dim / 3)
         blocks = [HawkBlock(hidden_dim, width, mlp_mult, conv_width, dropout) for _ in range(num_layers)]
-        self._build(vocab_size, hidden_dim, blocks, nn.RMSNorm(hidden_dim), dropout, tie_weights)
+        self._build(vocab_size, hidden_dim, blocks, RMSNorm(hidden_dim), dropout, tie_weights)

@@ -6,7 +6,8 @@ Per channel e of the inner width and state index n, with Δ, B, C computed from 
 with A = -exp(A_log) < 0 diagonal. The gradient through time is the product of the exp(Δ A) in
 between: a small Δ (the input is skipped) keeps the state and its gradient, a large Δ resets both,
 and this choice is made per character. Training runs `scan.linear_scan` over (B, T, E, N); sampling
-does one step. No custom kernel: the (B, T, E, N) state is materialised, so keep E * N modest on a CPU.
+does one step. No CUDA or Triton kernel: the (B, T, E, N) state is materialised, so keep E * N
+modest on a CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.scan import CausalConv, ScanLM, check_dropout, check_positive, linear_scan
+from charlm.models.scan import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive, linear_scan
 
 
 class SelectiveSSM(nn.Module):
@@ -49,9 +50,9 @@ class SelectiveSSM(nn.Module):
         u = F.silu(u)
         dt, Bt, Ct = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], -1)  # (B, T, R), (B, T, N) x2
         dt = F.softplus(self.dt_proj(dt))                      # (B, T, E) Δ
-        # outer products as einsums: their backward contracts (a matmul) instead of multiply-then-sum
-        log_a = torch.einsum("bte,en->bten", dt, -torch.exp(self.A_log))  # (B, T, E, N) Δ A
-        b = torch.einsum("bte,btn->bten", dt * u, Bt)          # (B, T, E, N) Δ B u
+        # outer products; Δ A <= 0, so a = exp(Δ A) is in (0, 1]
+        log_a = dt.unsqueeze(-1) * -torch.exp(self.A_log)      # (B, T, E, N) Δ A
+        b = (dt * u).unsqueeze(-1) * Bt.unsqueeze(2)           # (B, T, E, N) Δ B u
         if probe is not None:
             probe.append(log_a.exp().mean())
         if x.shape[1] == 1:  # sampling: one step of the recurrence
@@ -59,7 +60,7 @@ class SelectiveSSM(nn.Module):
         else:
             h = linear_scan(log_a, b, h0)                      # (B, T, E, N)
         y = torch.einsum("bten,btn->bte", h, Ct) + self.D * u  # (B, T, E)
-        return self.out_proj(y * F.silu(z)), (window, h[:, -1])  # (B, T, D)
+        return self.out_proj(y * F.silu(z)), (window, h[:, -1].clone())  # (B, T, D)
 
 
 class MambaBlock(nn.Module):
@@ -67,7 +68,7 @@ class MambaBlock(nn.Module):
 
     def __init__(self, dim: int, mixer: SelectiveSSM, dropout: float):
         super().__init__()
-        self.norm = nn.RMSNorm(dim)
+        self.norm = RMSNorm(dim)
         self.mixer = mixer
         self.drop = nn.Dropout(dropout)
 
@@ -103,7 +104,7 @@ class MambaLM(ScanLM):
             MambaBlock(hidden_dim, SelectiveSSM(hidden_dim, expand, d_state, rank, conv_width), dropout)
             for _ in range(num_layers)
         ]
-        self._build(vocab_size, hidden_dim, blocks, nn.RMSNorm(hidden_dim), dropout, tie_weights)
+        self._build(vocab_size, hidden_dim, blocks, RMSNorm(hidden_dim), dropout, tie_weights)
         with torch.no_grad():  # the paper's prenorm rescale: each residual output by 1/sqrt(num_layers)
             for block in blocks:
                 block.mixer.out_proj.weight /= math.sqrt(num_layers)

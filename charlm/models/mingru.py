@@ -44,7 +44,7 @@ class MinLogCell(nn.Module):
             log_h = log_in if log_h0 is None else torch.logaddexp(log_keep + log_h0.unsqueeze(1), log_in)
         else:
             log_h = log_scan(log_keep, log_in, log_h0)        # (B, T, E)
-        return log_h.exp(), log_h[:, -1]                      # (B, T, E), (B, E)
+        return log_h.exp(), log_h[:, -1].clone()              # (B, T, E), (B, E)
 
 
 class MinGRUCell(MinLogCell):

@@ -1,64 +1,143 @@
-"""RNNLM: vanilla RNN, LSTM and GRU language models on cuDNN kernels (nn.RNN / nn.LSTM / nn.GRU)."""
+"""The recurrent shell, written once, and RNNLM: vanilla RNN, LSTM and GRU on cuDNN kernels.
+
+`RecurrentLM` is embedding -> recurrent stack -> dropout -> linear head (optionally tied), with the
+LSTM forget-gate bias and the gate-openings hook of the model contract. RNNLM fills it with
+nn.RNN / nn.LSTM / nn.GRU (`TORCH_RNNS`); GatedRNNLM (gated.py) with the Python cells of
+cells.py (`PY_CELLS`); BiRNNLM (birnn.py) adds a second, backward stack.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+TORCH_RNNS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
-class RNNLM(nn.Module):
-    """Embedding -> recurrent stack -> dropout -> linear head. State: h (rnn, gru) or (h, c) (lstm)."""
+def layer_weights(stack: nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """(weight_ih, weight_hh, bias_ih, bias_hh) per layer, for a cuDNN stack or a CellStack
+    (bias_hh is None where a cell has none). Both use PyTorch's gate layout."""
+    if hasattr(stack, "layers"):  # CellStack
+        return [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in stack.layers]
+    return [tuple(getattr(stack, f"{n}_l{k}", None) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for k in range(stack.num_layers)]
+
+
+@torch.no_grad()
+def retain_gates(cell: str, stack: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean opening of each layer's memory gate over x (B, T, E), recomputed step by step from the
+    weights: how much of the previous memory a step keeps. lstm: forget gate f; gru: update gate z
+    (h = (1-z) n + z h_prev); gru_tanh_out: 1 - z (on c); gru_single_gate: 1 - g. {} for rnn."""
+    if cell == "rnn":
+        return {}
+    out = {}
+    for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layer_weights(stack)):
+        H = w_hh.shape[1]
+        h = x.new_zeros(x.shape[0], H)
+        c = h.clone()
+        xp = F.linear(x, w_ih, b_ih)                                          # (B, T, G*H)
+        keep, hs = [], []
+        for t in range(x.shape[1]):
+            if cell == "lstm":
+                i, f, g, o = (xp[:, t] + F.linear(h, w_hh, b_hh)).chunk(4, -1)
+                f = torch.sigmoid(f)
+                c = f * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                keep.append(f.mean())
+            elif cell == "gru":
+                xr, xz, xn = xp[:, t].chunk(3, -1)
+                hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, -1)
+                z = torch.sigmoid(xz + hz)
+                n = torch.tanh(xn + torch.sigmoid(xr + hr) * hn)
+                h = n + z * (h - n)
+                keep.append(z.mean())
+            elif cell == "gru_tanh_out":
+                xr, xz, xc = xp[:, t].chunk(3, -1)
+                hr, hz = F.linear(h, w_hh[: 2 * H]).chunk(2, -1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                c = c + z * (xc + F.linear(r * h, w_hh[2 * H :]) - c)
+                h = torch.tanh(c)
+                keep.append((1 - z).mean())
+            else:  # gru_single_gate
+                xg, xn = xp[:, t].chunk(2, -1)
+                g = torch.sigmoid(xg + F.linear(h, w_hh[:H]))
+                h = h + g * (torch.tanh(xn + F.linear(g * h, w_hh[H:])) - h)
+                keep.append((1 - g).mean())
+            hs.append(h)
+        x = torch.stack(hs, 1)                                                # (B, T, H): next layer's input
+        out[f"layer{k}/{'forget' if cell == 'lstm' else 'retain'}"] = torch.stack(keep).mean()
+    return out
+
+
+def init_forget_bias(stack: nn.Module, value: float) -> None:
+    """Start the LSTM forget gate open, so early gradients survive many steps (Jozefowicz et al. 2015).
+
+    PyTorch packs the gates as (input, forget, cell, output) and adds two biases; the forget slice
+    of b_ih is set to `value` and that of b_hh to 0, so their sum is `value`."""
+    for _, w_hh, b_ih, b_hh in layer_weights(stack):
+        H = w_hh.shape[1]
+        with torch.no_grad():
+            b_ih[H : 2 * H] = value
+            if b_hh is not None:
+                b_hh[H : 2 * H] = 0.0
+
+
+class RecurrentLM(nn.Module):
+    """Embedding -> recurrent stack -> dropout -> linear head. State: the stack's (h, or (h, c))."""
 
     gpu_precision = "32-true"  # cuDNN runs RNNs under bf16 autocast in fp16, unscaled: use fp32 or 16-mixed
     preferred_sampling = "stream"  # data.sampling=auto: truncated BPTT, the state carries context past the window
 
-    def __init__(
-        self,
-        vocab_size: int,
-        cell: str = "lstm",
-        embed_dim: int = 64,
-        hidden_dim: int = 256,
-        num_layers: int = 1,
-        dropout: float = 0.0,
-        nonlinearity: str = "tanh",
-        forget_bias: float = 1.0,
-        tie_weights: bool = False,
-    ):
+    def __init__(self, vocab_size: int, cell: str, make_stack: Callable[[], nn.Module], embed_dim: int,
+                 hidden_dim: int, dropout: float, forget_bias: float, tie_weights: bool):
         super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(CELLS)}")
         if tie_weights and embed_dim != hidden_dim:
             raise ValueError(f"model.tie_weights needs embed_dim == hidden_dim (got {embed_dim} and {hidden_dim})")
         self.cell = cell
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        kwargs = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
-        self.rnn = CELLS[cell](
-            embed_dim, hidden_dim, num_layers, batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0, **kwargs,
-        )
+        self.rnn = make_stack()  # made after the embedding: the same initialisation as ever for a given seed
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_dim, vocab_size)
         if tie_weights:
             self.head.weight = self.embed.weight
         if cell == "lstm" and forget_bias:
-            self._init_forget_bias(forget_bias)
-
-    def _init_forget_bias(self, value: float) -> None:
-        """Start the forget gate open, so early gradients survive many steps (Jozefowicz et al. 2015).
-
-        PyTorch packs the LSTM gates as (input, forget, cell, output) and adds two biases; the
-        forget slice of b_ih is set to `value` and that of b_hh to 0, so their sum is `value`.
-        """
-        H = self.rnn.hidden_size
-        for name, p in self.rnn.named_parameters():
-            if name.startswith("bias_"):
-                with torch.no_grad():
-                    p[H : 2 * H] = value if name.startswith("bias_ih") else 0.0
+            init_forget_bias(self.rnn, forget_bias)
 
     def forward(self, idx: torch.Tensor, state=None):
         x = self.embed(idx)                # (B, T, E)
         out, state = self.rnn(x, state)    # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)
         return logits, state
+
+    def gate_openings(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The contract's hook: mean memory-gate opening per layer on idx (see `retain_gates`)."""
+        return retain_gates(self.cell, self.rnn, self.embed(idx))
+
+
+class RNNLM(RecurrentLM):
+    """The shell on cuDNN kernels: nn.RNN (tanh or relu), nn.LSTM or nn.GRU."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        cell: Literal["rnn", "lstm", "gru"] = "lstm",
+        embed_dim: int = 64,
+        hidden_dim: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        nonlinearity: Literal["tanh", "relu"] = "tanh",
+        forget_bias: float = 1.0,
+        tie_weights: bool = False,
+    ):
+        if cell not in TORCH_RNNS:
+            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(TORCH_RNNS)}")
+        kwargs = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+        def stack():
+            return TORCH_RNNS[cell](embed_dim, hidden_dim, num_layers, batch_first=True,
+                                    dropout=dropout if num_layers > 1 else 0.0, **kwargs)
+
+        super().__init__(vocab_size, cell, stack, embed_dim, hidden_dim, dropout, forget_bias, tie_weights)

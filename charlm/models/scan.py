@@ -14,7 +14,7 @@ is a product of gates with no tanh Jacobian in the chain. Two scans compute it:
 
 `sequential_scan` is the plain loop over time they are tested and timed against. The rest are the
 pieces the four models share: the paper's g(x) activation, the short causal convolution whose last
-inputs travel in the state, and the language-model shell (embedding -> blocks -> norm -> head).
+inputs travel in the state, RMSNorm, and the language-model shell (embedding -> blocks -> norm -> head).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def log_g(x: torch.Tensor) -> torch.Tensor:
 def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: h_t = a_t * h_{t-1} + b_t by a Python loop over time. a, b: (B, T, ...) -> h (B, T, ...)."""
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    a, b = torch.broadcast_tensors(a, b)
     out = []
-    for t in range(b.shape[1]):
-        h = a[:, t] * h + b[:, t]                 # (B, ...)
+    for a_t, b_t in zip(a.unbind(1), b.unbind(1)):  # unbind: one backward node, not one per step
+        h = a_t * h + b_t                         # (B, ...)
         out.append(h)
     return torch.stack(out, 1)                    # (B, T, ...)
 
@@ -67,7 +68,7 @@ def log_scan(
     return torch.cat(outs, 1)                                        # (B, T, ...)
 
 
-def _chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     """h_t = a_t * h_{t-1} + b_t (reverse: h_t = a_t * h_{t+1} + b_t, from the end), without autograd,
     in about 2 sqrt(T) vectorised steps instead of T.
 
@@ -109,7 +110,7 @@ class _LinearScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        h = _chunked_scan(a, b, h0)
+        h = chunked_scan(a, b, h0)
         ctx.save_for_backward(a, h0, h)
         return h
 
@@ -118,7 +119,7 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, grad_h: torch.Tensor):
         a, h0, h = ctx.saved_tensors
         a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)                    # (B, T, ...) a_{t+1}
-        g_ = _chunked_scan(a_next, grad_h.contiguous(), torch.zeros_like(h0), reverse=True)  # (B, T, ...)
+        g_ = chunked_scan(a_next, grad_h.contiguous(), torch.zeros_like(h0), reverse=True)  # (B, T, ...)
         grad_a = torch.empty_like(g_)                                                    # (B, T, ...)
         torch.mul(g_[:, 1:], h[:, :-1], out=grad_a[:, 1:])
         torch.mul(g_[:, 0], h0, out=grad_a[:, 0])
@@ -128,9 +129,9 @@ class _LinearScan(torch.autograd.Function):
 def linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
     """h for h_t = a_t * h_{t-1} + b_t with a_t = exp(log_a) in (0, 1] and real b_t; log_a, b (B, T, ...),
     h0 (B, ...) (None: zeros). Stable in float32 for any decay; differentiable (once) in all three."""
-    if log_a.shape != b.shape:
-        log_a, b = torch.broadcast_tensors(log_a, b)
-    h0 = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
+    dtype = torch.promote_types(log_a.dtype, b.dtype)  # one dtype for the in-place steps, also under autocast
+    log_a, b = torch.broadcast_tensors(log_a.to(dtype), b.to(dtype))
+    h0 = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(dtype)
     return _LinearScan.apply(log_a.exp().contiguous(), b.contiguous(), h0.contiguous())
 
 
@@ -157,7 +158,19 @@ class CausalConv(nn.Module):
         y = self.bias.expand(B, T, E)
         for k in range(self.width):
             y = y + xs[:, k : k + T] * self.weight[:, k]              # (B, T, E)
-        return y, xs[:, xs.shape[1] - (self.width - 1) :]             # (B, width-1, E)
+        return y, xs[:, xs.shape[1] - (self.width - 1) :].clone()     # (B, width-1, E)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension (nn.RMSNorm only arrived in torch 2.4)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class ScanLM(nn.Module):
@@ -165,7 +178,8 @@ class ScanLM(nn.Module):
 
     Each block is called as `x, layer_state = block(x, layer_state, probe)` with x (B, T, D) and
     layer_state a tuple of tensors (None at the start); `probe`, a list or None, collects the block's
-    mean memory-gate opening for `gate_openings`. The model's state is the tuple of layer states.
+    mean memory-gate opening for `gate_openings`. The model's state is the tuple of layer states,
+    copies rather than views of the (B, T, ...) activations, so a carried or saved state holds only itself.
     """
 
     preferred_sampling = "stream"  # recurrent: truncated BPTT with the state carried past the window
@@ -205,7 +219,7 @@ class ScanLM(nn.Module):
             self._run(idx, None, probe)
         finally:
             for m, mode in modes:
-                m.training = mode
+                pass
         return {f"layer{i}/retain": p.float() for i, p in enumerate(probe)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +106,8 @@ class GPT(nn.Module):
         n_embd: int = 128,
         dropout: float = 0.0,
         bias: bool = False,
-        norm: str = "pre",
-        pos: str = "learned",
+        norm: Literal["pre", "post"] = "pre",
+        pos: Literal["learned", "sinusoidal"] = "learned",
         tie_weights: bool = True,
     ):
         super().__init__()

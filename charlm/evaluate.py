@@ -1,0 +1,117 @@
+"""`python -m charlm.evaluate ckpt_path=PATH [data=text data.path=FILE] [split=val|test|all]`: score any
+checkpoint on any corpus with the yardstick (`charlm.yardstick`), and the nanoGPT-style window figure.
+
+Prints nats, bits per character, perplexity and the characters scored; `json=FILE` also writes them.
+Characters outside the model's vocabulary are an error naming them, or with `unknown=skip` are
+dropped and counted. Needs torch and the model, not Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from charlm.atomic import write_json
+from charlm.checkpoint import load_model
+from charlm.cli import hydra_main
+from charlm.config import check_sections, check_target_group
+from charlm.data import _torch_ids, encode_corpus
+from charlm.errors import ConfigError, CorpusError
+from charlm.models.contract import capabilities
+from charlm.schemas import EvalConfig
+from charlm.vocab import CharVocab
+from charlm.yardstick import eval_dataset, protocol, score, window_loss
+
+
+@dataclass
+class EvaluateTop:
+    ckpt_path: str = "???"
+    split: str = "val"
+    unknown: str = "error"
+    json: Optional[str] = None
+    device: str = "auto"
+    seed: int = 1337
+    data: Any = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def check(cfg: DictConfig) -> None:
+    """Types and ranges of every key (charlm.config)."""
+    check_target_group(cfg.data, "data.")
+    check_sections(cfg, {"eval": EvalConfig}, EvaluateTop, targets=("data",))
+    if cfg.split not in ("val", "test", "all"):
+        raise ConfigError(f"split={cfg.split}: must be one of val, test, all")
+
+
+def corpus_ids(cfg: DictConfig, vocab: CharVocab) -> tuple[torch.Tensor, int]:
+    """The corpus in the model's ids, and how many characters were skipped (unknown=skip)."""
+    corpus_vocab, ids = encode_corpus(cfg.data.path, cfg.data.get("errors", "strict"))
+    table = np.array([vocab.stoi.get(c, -1) for c in corpus_vocab.chars], dtype=np.int64)  # corpus id -> model id
+    missing = [c for c, t in zip(corpus_vocab.chars, table) if t < 0]
+    mapped = table[np.asarray(ids)]
+    if missing and cfg.unknown == "error":
+        where = cfg.data.path or cfg.data.get("name", "corpus")
+        raise CorpusError(f"{where}: characters not in the model's vocabulary: {''.join(missing)[:40]!r} "
+                          "(unknown=skip drops and counts them)")
+    kept = mapped[mapped >= 0].astype(vocab.id_dtype)
+    return _torch_ids(kept), int((mapped < 0).sum())
+
+
+def split_of(ids: torch.Tensor, split: str, val_fraction: float, test_fraction: float) -> torch.Tensor:
+    """The split as training cut it: train first, then val, then test (contiguous)."""
+    if split == "all":
+        return ids
+    n = len(ids)
+    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
+    n_train = n - n_val - n_test
+    return ids[n_train : n_train + n_val] if split == "val" else ids[n_train + n_val :]
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    model, vocab, hp = load_model(cfg.ckpt_path)
+    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    ids, skipped = corpus_ids(cfg, vocab)
+    ids = split_of(ids, cfg.split, cfg.data.val_fraction, cfg.data.get("test_fraction", 0.0))
+    if cfg.eval.max_chars:
+        ids = ids[: cfg.eval.max_chars]
+    if len(ids) < 2:
+        raise CorpusError(f"split={cfg.split}: {len(ids)} characters, nothing to score")
+    e = cfg.eval
+    context = capabilities(model).context_size
+    total, chars = score(model, eval_dataset(ids, context, e.streams, e.chunk, e.stride, e.batch_size), device)
+    loss = total / chars
+    out = {"checkpoint": str(cfg.ckpt_path), "model": hp.get("model_name"), "split": cfg.split,
+           "loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(min(loss, 700.0)), "chars_scored": chars,
+           "skipped_chars": skipped, "protocol": protocol(context, e.streams, e.chunk, e.stride, chars)}
+    if e.window_batches:
+        w = window_loss(model, ids, min(e.window, context or e.window), e.window_batches, seed=cfg.seed,
+                        device=device)
+        out["window_loss"], out["window_bpc"], out["window"] = w["loss"], w["bpc"], w["window"]
+    return out
+
+
+def _job(cfg: DictConfig) -> None:
+    out = evaluate(cfg)
+    print(f"{out['model']} on {cfg.data.path or cfg.data.get('name')} ({cfg.split}): {out['loss']:.4f} nats, "
+          f"{out['bpc']:.4f} bits/char, perplexity {out['ppl']:.3f}")
+    print(f"yardstick: {out['protocol']['text']}" + (f"; {out['skipped_chars']:,} unknown chars skipped"
+                                                      if out["skipped_chars"] else ""))
+    if "window_loss" in out:
+        print(f"nanoGPT-style: {out['window_loss']:.4f} nats (random {out['window']}-char windows, empty state)")
+    if cfg.json:
+        write_json(cfg.json, out)
+        print(f"wrote {cfg.json}")
+
+
+def main() -> None:
+    hydra_main("evaluate", _job, check=check)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The structure holds: no import cycles, small modules, every config key typed, models addable from outside."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, run_cli
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from charlm.cli import compose
+from charlm.config import check_sections
+from charlm.errors import ConfigError
+from charlm.schemas import GradflowTop, ReportTop, SampleTop
+from charlm.train import check_config
+
+PKG = ROOT / "charlm"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """charlm module -> the charlm modules it imports, anywhere in the file (functions included)."""
+    modules = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles_in_charlm():
+    graph = import_graph()
+    assert "charlm.build" in graph and "charlm.module" in graph["charlm.build"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_errors_is_a_leaf():
+    assert import_graph()["charlm.errors"] == set()
+
+
+def test_modules_stay_small():
+    long = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 320}
+    assert not long, f"modules over ~300 lines: {long}"
+
+
+def test_no_getattr_on_models_outside_the_contract():
+    """Optional model capabilities are read in one place (models/contract.py)."""
+    offenders = []
+    for p in PKG.rglob("*.py"):
+        if p.name == "contract.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and node.args:
+                arg = ast.unparse(node.args[0])
+                if "model" in arg and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
+                    offenders.append(f"{p.name}: getattr({arg}, {node.args[1].value!r})")
+    assert not offenders, offenders
+
+
+# ---- every key typed --------------------------------------------------------------------------
+
+
+def wrong_value(value):
+    """A value of the wrong type for a key that holds `value`."""
+    if value is None:
+        return {"a": 1}  # a mapping: wrong for a number, a flag or a string
+    if isinstance(value, (bool, int, float)):
+        return "abc"
+    if isinstance(value, str):
+        return [1, 2]  # a list where a string belongs
+    if isinstance(value, ListConfig):
+        return {"a": 1}
+    raise TypeError(value)
+
+
+def leaves(cfg: DictConfig, prefix: str = ""):
+    for key in cfg:
+        if str(key).startswith("_") or key == "hydra":
+            continue
+        node = cfg._get_node(key)
+        value = node._value() if not isinstance(node, (DictConfig, ListConfig)) else node
+        if isinstance(value, DictConfig):
+            yield from leaves(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and "${" in value:
+            continue  # an interpolation: typed where it points
+        else:
+            yield f"{prefix}{key}", value
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+TRAIN_VARIANTS = ([[f"model={m}"] for m in options("model")] + [[f"data={d}"] for d in options("data")]
+                  + [["logger=csv"], ["callbacks=early_stopping"], ["scheduler=one_cycle"], ["trainer=gpu"]])
+
+
+def _expect_error(cfg, key: str, value, check) -> None:
+    bad = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    OmegaConf.update(bad, key, wrong_value(value), merge=False)
+    with pytest.raises(ConfigError) as err:
+        check(bad)
+    msg = str(err.value)
+    assert key in msg and "\n" not in msg, f"{key}: {msg}"
+
+
+@pytest.mark.parametrize("variant", TRAIN_VARIANTS, ids=lambda v: v[0])
+def test_every_train_key_rejects_a_wrong_type(variant):
+    extra = ["data.path=/tmp/x.txt"] if variant == ["data=text"] else []
+    cfg = compose("train", variant + extra)
+    keys = list(leaves(cfg))
+    assert len(keys) > 20
+    for key, value in keys:
+        _expect_error(cfg, key, value, check_config)
+
+
+@pytest.mark.parametrize("name,schema", [("sample", SampleTop), ("gradflow", GradflowTop), ("report", ReportTop)])
+def test_every_entry_point_key_rejects_a_wrong_type(name, schema):
+    cfg = compose(name, ["ckpt_path=x"] if name == "sample" else [])
+    for key, value in leaves(cfg):
+        if key.startswith("presets."):  # the report's presets are checked when a preset is used
+            continue
+        _expect_error(cfg, key, value, lambda c: check_sections(c, {}, schema))
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.lr=-1", "optim.lr=-1"), ("clip.value=-0.5", "clip.value=-0.5"),
+    ("scheduler.warmup_steps=-3", "scheduler.warmup_steps=-3"), ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("model.dropout=1.5", "model.dropout=1.5"), ("trainer.precision=bf17", "trainer.precision=bf17"),
+    ("model.cell=lsmt", "model.cell=lsmt"), ("eval.streams=0", "eval.streams=0"),
+])
+def test_impossible_values_are_refused(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        check_config(compose("train", [override]))
+
+
+@pytest.mark.parametrize("module,args,key", [
+    ("charlm.train", ["optim.lr=abc"], "optim.lr"), ("charlm.train", ["seed=abc"], "seed"),
+    ("charlm.train", ["model.dropout=abc"], "model.dropout"), ("charlm.train", ["trainer.precision=bf17"], "precision"),
+    ("charlm.sample", ["ckpt_path=x", "temperature=abc"], "temperature"),
+    ("charlm.sample", ["ckpt_path=x", "top_k=abc"], "top_k"),
+])
+def test_cli_wrong_type_is_one_line_exit_2(module, args, key, tmp_path):
+    proc = run_cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+# ---- a model from outside the package -----------------------------------------------------------
+
+
+def test_model_from_outside_the_package(tmp_path):
+    """One .py file on PYTHONPATH and one YAML on hydra.searchpath: trains, samples, evaluates, gradflows."""
+    ext = ROOT / "tests" / "external"
+    env = {"PYTHONPATH": str(ext)}
+    search = f"hydra.searchpath=[file://{ext / 'conf'}]"
+    run_dir = tmp_path / "run"
+    run_cli("charlm.train", search, "model=bag_of_chars", *[a for a in TINY if "model." not in a],
+            f"hydra.run.dir={run_dir}", env=env)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["model"] == "bag_of_chars" and results["best_val_loss"] is not None
+    out = run_cli("charlm.sample", f"ckpt_path={run_dir}/checkpoints/best.ckpt", "n_chars=25", "seed=0", env=env)
+    assert len(out.stdout.rstrip("\n")) >= 25
+    ev = run_cli("charlm.evaluate", f"ckpt_path={run_dir}/checkpoints/best.ckpt", env=env)
+    assert "bits/char" in ev.stdout
+    run_cli("charlm.gradflow", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"out_dir={tmp_path / 'gf'}",
+            "seq_len=12", "n_rows=2", env=env)
+    curves = json.loads((tmp_path / "gf" / "gradient_flow.json").read_text())
+    assert len(curves["bag_of_chars"]["trained"]) == 12
