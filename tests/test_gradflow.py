@@ -13,7 +13,9 @@ from conftest import run_cli
 from hydra.utils import instantiate
 from torch import nn
 
-from charlm.gradflow import GradFlowCallback, gradient_flow, model_config, position_grad_norms
+from charlm.callbacks import GradFlowCallback
+from charlm.gradflow import model_config
+from charlm.gradients import gradient_flow, position_grad_norms
 from charlm.models.rnn import RNNLM
 from charlm.recall import (
     CUE,

@@ -134,34 +134,36 @@ def test_search_space_syntax():
     assert as_override("optim.lr", 1e-5) == "optim.lr=1e-05" and as_override("model", "gru") == "model=gru"
 
 
-def val_loss_one_process(ckpt: str, eval_batch_size: int) -> float:
-    """The full val pass of a checkpoint in this process, as charlm sums it."""
-    from charlm.checkpoint import load_charlm
-    from charlm.data import CharDataModule, EvalBatches
+def yardstick_one_process(ckpt: str, chunk: int) -> float:
+    """The yardstick of a checkpoint in this process: 8 streams, state carried, every val char once."""
+    from charlm.checkpoint import load_model
+    from charlm.data import CharDataModule
+    from charlm.yardstick import eval_dataset, score
 
-    module = load_charlm(ckpt).eval()
-    dm = CharDataModule(block_size=16, batch_size=8, eval_batch_size=eval_batch_size, vocab=module.vocab)
+    model, vocab, _ = load_model(ckpt)
+    dm = CharDataModule(block_size=16, batch_size=8, vocab=vocab)
     dm.prepare()
-    batches = EvalBatches(dm.splits["val"], 16, eval_batch_size)
-    total = count = 0.0
-    with torch.no_grad():
-        for i in range(len(batches)):
-            x, y = batches[i]
-            total += F.cross_entropy(module.model(x)[0].flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
+    total, count = score(model, eval_dataset(dm.splits["val"], None, 8, chunk, None, 64))
+    assert count == len(dm.splits["val"]) - 1
     return total / count
 
 
-def test_ddp_two_cpu_processes_write_one_result_with_the_single_process_val_loss(tmp_path):
-    # 15 val batches: an odd count, which DistributedSampler would pad by repeating batch 0 on rank 1
-    run_cli("charlm.train", "trainer=ddp_cpu", *tiny("trainer", "logger"), "logger=csv", "data.sampling=random",
+def test_ddp_two_cpu_processes_stream_mode(tmp_path):
+    """Stream mode (the RNN default) under DDP: each rank trains its own streams and scores its own
+    share of the val streams; rank 0 alone writes; the summed figure equals the one-process yardstick."""
+    run_cli("charlm.train", "trainer=ddp_cpu", *tiny("trainer", "logger"), "logger=csv", "data.sampling=stream",
             f"hydra.run.dir={tmp_path}", timeout=300)
     results = json.loads((tmp_path / "results.json").read_text())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]  # rank 0 only
     assert results["steps"] == 12 and list(tmp_path.rglob("results.json")) == [tmp_path / "results.json"]
-    single = val_loss_one_process(results["best_ckpt"], eval_batch_size=512)
-    assert math.isclose(results["val_loss"], single, rel_tol=1e-5), (results["val_loss"], single)
+    assert results["world_size"] == 2 and results["sampling"] == "stream"
+    assert results["tokens"] == 12 * 8 * 16 * 2  # both ranks' tokens
+    single = yardstick_one_process(results["best_ckpt"], chunk=512)
+    assert math.isclose(results["best_val_loss"], single, rel_tol=1e-5), (results["best_val_loss"], single)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        last_val = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")][-1]
+    assert math.isclose(last_val, single, rel_tol=1e-5)  # the distributed val pass: same sum as one process
 
 
 def wandb_agent_args(params: dict) -> list[str]:
@@ -194,7 +196,7 @@ def sweep_combos(parameters: dict, n: int = 3) -> list[dict]:
 def test_wandb_sweep_commands_compose():
     from hydra import compose, initialize_config_dir
 
-    from charlm.errors import CONF_DIR
+    from charlm.cli import CONF_DIR
     from charlm.train import check_config, pick_trainer
 
     spec = yaml.safe_load((ROOT / "scripts" / "wandb_sweep.yaml").read_text())
@@ -221,7 +223,7 @@ def test_slurm_launcher_follows_the_trainer():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from charlm.errors import CONF_DIR
+    from charlm.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,
