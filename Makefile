@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install train sample test test-all bench report sweep lint clean
+.PHONY: install train sample test test-all bench report sweep compare lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ report: $(STAMP)           ## gradient-flow, clipping and memory-span figures in
 
 sweep: $(STAMP)            ## Optuna search: make sweep ARGS="hparams_search=lstm_lr"
 	$(PY) -m charlm.sweep $(ARGS)
+
+COMPARE_BUDGET ?= budget.seconds=40
+compare: $(STAMP)          ## every model family for the same 40 s each, ~10 min on 2 CPU cores (make compare ARGS="models=[rnn,lstm] seeds=[1,2]", COMPARE_BUDGET=budget.tokens=2000000)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m charlm.compare $(COMPARE_BUDGET) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check charlm tests scripts

@@ -127,7 +127,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dm: CharDataModule, loggers:
         target = str(entry._target_)
         if target.endswith("LearningRateMonitor") and not loggers:
             continue  # it needs a logger
-        kwargs = {"dirpath": str(run_dir / "checkpoints")} if target.endswith("ModelCheckpoint") else {}
+        kwargs = {"dirpath": str(run_dir / "checkpoints")} if target.endswith(("ModelCheckpoint", "BestCheckpoint")) \
+            else {}
         callbacks.append(instantiate(entry, **kwargs, _convert_="all"))
     callbacks += [ValidateAtEnd(), TrainClock(), *dm.callbacks()]
     if cfg.get("gates_every"):

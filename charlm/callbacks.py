@@ -3,11 +3,13 @@ validation at the last step, an interruption at a given step, and gate openings 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from charlm.atomic import write_json
 from charlm.gradients import gradient_flow, plot_flow
@@ -45,6 +47,24 @@ class TrainClock(L.Callback):
     @property
     def train_seconds(self) -> float | None:
         return (self.end - self.start - self.val) if self.start and self.end else None
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose best score survives a resume into another folder: the best
+    checkpoint is copied along, so a worse first validation after the resume never becomes best.ckpt
+    (Lightning's own forgets the score when the folder changes)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old_dir, best = state_dict.get("dirpath"), state_dict.get("best_model_path")
+        if self.dirpath and old_dir and Path(old_dir).resolve() != Path(self.dirpath).resolve() and best \
+                and Path(best).is_file():
+            new = Path(self.dirpath) / Path(best).name
+            new.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(best, new)
+            score = state_dict.get("best_model_score")
+            state_dict = {**state_dict, "dirpath": self.dirpath, "best_model_path": str(new),
+                          "kth_best_model_path": str(new), "best_k_models": {str(new): score}, "last_model_path": ""}
+        super().load_state_dict(state_dict)
 
 
 class ValidateAtEnd(L.Callback):

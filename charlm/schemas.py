@@ -132,6 +132,12 @@ class ReportTop:
 
 
 # Ranges and choices, by dotted key (a `*` matches one level: any model's key of that name).
+def _is_duration(v: str) -> bool:
+    """DD:HH:MM:SS, as Lightning's max_time and time-based val_check_interval take it."""
+    parts = v.split(":")
+    return len(parts) == 4 and all(p.isdigit() for p in parts) and any(int(p) for p in parts)
+
+
 def _pos(v):
     return v > 0
 
@@ -170,10 +176,12 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "models": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v)),
                "a model name or a list of them"),
     "logger.wandb.group": (lambda v: isinstance(v, str), "a string (or null)"),
+    "trainer.max_time": (_is_duration, "a duration DD:HH:MM:SS"),
     "trainer.max_steps": (_pos, "a positive number of steps"),
     "trainer.precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS[:6])}"),
-    "trainer.val_check_interval": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                                   "a positive number (steps, or a fraction of an epoch)"),
+    "trainer.val_check_interval": (lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
+                                   or (isinstance(v, str) and _is_duration(v)),
+                                   "a positive number of steps, or a duration DD:HH:MM:SS"),
     "trainer.log_every_n_steps": (_pos, ">= 1"),
     "trainer.num_nodes": (_pos, ">= 1"),
     "trainer.accumulate_grad_batches": (_pos, ">= 1"),
