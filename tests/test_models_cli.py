@@ -22,6 +22,10 @@ def test_model_trains_and_samples(name, tmp_path):
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, f"{name}: loss {first:.3f} -> {last:.3f}"
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    if name not in ("rnn", "stacked_rnn", "transformer"):  # models that declare gate openings log them
+        assert any(h.startswith("gates/layer0/") for h in header), header
     out = run_cli("charlm.sample", f"ckpt_path={tmp_path}/checkpoints/last.ckpt", "prompt=KING", "n_chars=30",
                   "seed=0").stdout
     assert out.startswith("KING") and len(out.rstrip("\n")) >= 30
