@@ -1,7 +1,8 @@
 """The modern recurrent models (minGRU, minLSTM, Hawk, Mamba) and the scans under them.
 
 Scans are checked against the plain loop over time in float64; models against themselves cut into
-chunks, stepped one character at a time, and against the papers' gate formulas written out here.
+chunks and stepped one character at a time, and their layers and gates against the papers'
+equations written out here as loops.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def tiny(name: str, **kw) -> torch.nn.Module:
         "mingru": {"mlp_mult": 2},
         "minlstm": {"expansion": 1.5, "mlp_mult": 0},  # a cell wider than the model, with its out projection
         "hawk": {"mlp_mult": 2},
-        "mamba": {"d_state": 4},
+        "mamba": {"state_dim": 4},
     }[name]
     return CLASSES[name](V, **{"hidden_dim": 16, "num_layers": 2, **opts, **kw}).eval()
 
@@ -59,9 +60,34 @@ def test_log_scan_equals_loop(T, with_h0):
     log_b = torch.randn(3, T, 4, generator=gen, dtype=torch.float64)
     h0 = torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.1 if with_h0 else None
     expected = sequential_scan(log_a.exp(), log_b.exp(), h0)
-    for chunk in (16, 64):  # T not a multiple of the chunk, and several chunks
-        got = log_scan(log_a, log_b, None if h0 is None else h0.log(), chunk=chunk).exp()
+    for method in ("heinsen", "chunked"):  # T=130: several chunks of 64, or of 12, and a partial one
+        got = log_scan(log_a, log_b, None if h0 is None else h0.log(), method=method).exp()
         torch.testing.assert_close(got, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("T", [1, 7, 37, 70])
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("method", ["heinsen", "chunked"])
+def test_log_scan_gradients_equal_the_loops(T, with_h0, method):
+    gen = torch.Generator().manual_seed(T)
+    inputs = [-F.softplus(torch.randn(2, T, 3, generator=gen, dtype=torch.float64)),
+              torch.randn(2, T, 3, generator=gen, dtype=torch.float64)]
+    if with_h0:
+        inputs.append(torch.randn(2, 3, generator=gen, dtype=torch.float64))
+    w = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
+
+    def loop(la, lb, lh0=None):
+        return sequential_scan(la.exp(), lb.exp(), None if lh0 is None else lh0.exp()).log()
+
+    grads = []
+    for fn in (lambda *x: log_scan(*x[:2], *x[2:], method=method), loop):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        (fn(*leaves) * w).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, **TIGHT)
+    leaves = tuple(t.clone().requires_grad_(True) for t in inputs)
+    assert torch.autograd.gradcheck(lambda *x: log_scan(*x[:2], *x[2:], method=method), leaves)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 16, 17, 50, 257])
@@ -109,11 +135,15 @@ def test_float32_scans_survive_strong_decay():
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
     got.sum().backward()
     assert torch.isfinite(log_a.grad).all()
-    # the log-space scan, positive b
+    # the log-space scans, positive b
     expected = sequential_scan(a, b.exp(), None)
-    got = log_scan(a.log().float(), b.float(), None).exp()
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-3)
+    for method, rtol in (("heinsen", 1e-3), ("chunked", 1e-4)):  # heinsen: A_t over 64 steps of log 1e-6
+        log_a = a.log().float().requires_grad_(True)
+        got = log_scan(log_a, b.float(), None, method=method).exp()
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=rtol)
+        got.sum().backward()
+        assert torch.isfinite(log_a.grad).all()
 
 
 def test_g_is_the_papers_activation():
@@ -143,10 +173,10 @@ def test_causal_conv_is_a_padded_depthwise_conv_in_any_chunks(width):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("cuts", [(1,), (2,), (3,), (1, 2, 3), (5, 6, 11), (1, 4, 9, 30)])
+@pytest.mark.parametrize("cuts", [(1,), (2,), (3,), (1, 2, 3), (5, 6, 11), (1, 4, 9, 30), (65, 66, 131)])
 def test_chunked_equals_whole(name, cuts):
     model = tiny(name)
-    idx = seq(T=41)  # past the scans' chunk sizes, odd
+    idx = seq(T=141)  # past the scans' chunk sizes and Mamba's 64-step blocks, odd
     whole, whole_state = model(idx)
     outs, state, start = [], None, 0
     for end in (*cuts, idx.shape[1]):
@@ -189,6 +219,8 @@ def test_state_is_tensors_that_detach_and_continue(name):
     _, state = model(idx[:, :5])
     leaves, _ = tree_flatten(state)
     assert leaves and all(isinstance(x, torch.Tensor) for x in leaves)
+    for x in leaves:  # not a view into the (B, T, ...) activations, which a checkpoint would save whole
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
     detached = tree_map(lambda x: x.detach(), state)
     later, _ = model(idx[:, 5:], detached)
     torch.testing.assert_close(later, model(idx)[0][:, 5:], **ATOL)
@@ -243,6 +275,64 @@ def expected_retain_layer0(model, idx: torch.Tensor) -> torch.Tensor:
     return torch.exp(dt[..., None] * A).mean()
 
 
+def paper_layer(model, x: torch.Tensor) -> torch.Tensor:
+    """Layer 0's recurrent part on x (B, T, D) from the paper's equations, by a loop over time."""
+    block = model.blocks[0]
+    steps = range(x.shape[1])
+    if isinstance(model, (MinGRULM, MinLSTMLM)):
+        cell = block.cell
+        parts = cell.proj(x).chunk(cell.n_gates + 1, -1)
+        h, out = 0.0, []
+        for t in steps:
+            if isinstance(model, MinGRULM):
+                z = torch.sigmoid(parts[0][:, t])
+                h = (1 - z) * h + z * g(parts[1][:, t])
+            else:
+                f, i = torch.sigmoid(parts[0][:, t]), torch.sigmoid(parts[1][:, t])
+                h = f / (f + i) * h + i / (f + i) * g(parts[2][:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+    if isinstance(model, HawkLM):
+        lru = block.rec.lru
+        h, out = 0.0, []
+        for t in steps:
+            r, i = torch.sigmoid(lru.gate_a(x[:, t])), torch.sigmoid(lru.gate_x(x[:, t]))
+            a = torch.sigmoid(lru.a_param) ** (8 * r)
+            h = a * h + torch.sqrt(1 - a**2) * (i * x[:, t])
+            out.append(h)
+        return torch.stack(out, 1)
+    ssm = block.mixer
+    E = ssm.D.shape[0]
+    u, z = ssm.in_proj(x).split(E, -1)                                          # (B, T, E)
+    u = F.conv1d(F.pad(u.transpose(1, 2), (3, 0)), ssm.conv.weight.unsqueeze(1), ssm.conv.bias, groups=E)
+    u = F.silu(u.transpose(1, 2))                                               # (B, T, E)
+    dt, Bt, Ct = ssm.x_proj(u).split([ssm.dt_rank, ssm.state_dim, ssm.state_dim], -1)
+    dt = F.softplus(ssm.dt_proj(dt))                                            # (B, T, E)
+    A = -torch.exp(ssm.A_log)                                                   # (E, N)
+    h, out = 0.0, []
+    for t in steps:
+        h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bt[:, t, None, :] * u[:, t, :, None]
+        out.append((h * Ct[:, t, None, :]).sum(-1) + ssm.D * u[:, t])          # (B, E)
+    return ssm.out_proj(torch.stack(out, 1) * F.silu(z))                        # (B, T, D)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("T", [23, 150])  # 150: past Mamba's 64-step SSM blocks
+def test_layer_follows_the_papers_equations(name, T):
+    model = tiny(name).double()
+    block = model.blocks[0]
+    width = block.rec.lru.gate_a.in_features if isinstance(model, HawkLM) else 16
+    x = torch.randn(2, T, width, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        if isinstance(model, (MinGRULM, MinLSTMLM)):
+            got = block.cell(x, None, None)[0]
+        elif isinstance(model, HawkLM):
+            got = block.rec.lru(x, None, None)
+        else:
+            got = block.mixer(x, None, None)[0]
+        torch.testing.assert_close(got, paper_layer(model, x), **TIGHT)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_gate_openings(name):
     model = tiny(name, num_layers=3).train()
@@ -294,7 +384,7 @@ def test_contract(name):
         ("hawk", {"dropout": 1.0}, "model.dropout=1.0"),
         ("hawk", {"conv_width": 0}, "model.conv_width=0"),
         ("mamba", {"dt_rank": -2}, "model.dt_rank=-2"),
-        ("mamba", {"d_state": 0}, "model.d_state=0"),
+        ("mamba", {"state_dim": 0}, "model.state_dim=0"),
     ],
 )
 def test_impossible_values_name_the_key(name, kwargs, key):

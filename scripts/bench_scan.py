@@ -1,0 +1,106 @@
+"""`python scripts/bench_scan.py [--batch 32] [--seq 256] [--repeats 5]`
+
+The parallel scans of charlm/models/scan.py, and one block of each modern recurrent model at its
+conf/model YAML size, timed on the CPU against a Python loop over time: forward + backward per call
+(median of --repeats). "loop" is the plain recurrence for a scan, and for a block the block fed one
+character at a time with its state carried (the sampling path), autograd through all the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from charlm.models.scan import linear_scan, log_scan, sequential_scan  # noqa: E402
+
+
+def timed(fn, inputs: list[torch.Tensor], repeats: int) -> float:
+    """Median milliseconds of fn(*inputs) -> loss, then loss.backward(), after one warm-up call
+    (synchronised with the GPU at both ends when the inputs are on one)."""
+    cuda = inputs[0].is_cuda
+    times = []
+    for i in range(repeats + 1):
+        args = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def scans(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, object, list[torch.Tensor]]]:
+    """(name, shape, parallel, loop, inputs) for each scan, at the widths of the YAML models."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    D = 136  # mingru.yaml's width
+    log_a, log_b = -F.softplus(torch.randn(B, T, D, generator=gen)), torch.randn(B, T, D, generator=gen)
+    for method in ("chunked", "heinsen"):  # the CPU default, and the GPU one (torch's CPU logcumsumexp is slow)
+        out.append((f"log_scan {method} (minGRU)", f"{B}x{T}x{D}",
+                    lambda la, lb, method=method: log_scan(la, lb, method=method).exp().sum(),
+                    lambda la, lb: sequential_scan(la.exp(), lb.exp()).sum(), [log_a.to(device), log_b.to(device)]))
+    for name, rest in (("linear_scan (Hawk RG-LRU)", (112,)), ("linear_scan (Mamba SSM)", (256, 8))):
+        log_a, b = -F.softplus(torch.randn(B, T, *rest, generator=gen)), torch.randn(B, T, *rest, generator=gen)
+        out.append((name, "x".join(map(str, (B, T, *rest))),
+                    lambda la, b: linear_scan(la, b).sum(),
+                    lambda la, b: sequential_scan(la.exp(), b).sum(), [log_a.to(device), b.to(device)]))
+    return out
+
+
+def blocks(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, object, list[torch.Tensor]]]:
+    """(name, shape, parallel, loop, inputs) for the first block of each model built from its YAML."""
+    from hydra.utils import instantiate
+
+    out = []
+    for name in ("mingru", "minlstm", "hawk", "mamba"):
+        torch.manual_seed(0)
+        model = instantiate(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), vocab_size=65).to(device)
+        block, D = model.blocks[0], model.embed.embedding_dim
+
+        def parallel(x, block=block):
+            return block(x, None, None)[0].sum()
+
+        def loop(x, block=block):
+            state, total = None, 0.0
+            for t in range(x.shape[1]):
+                y, state = block(x[:, t : t + 1], state, None)
+                total = total + y.sum()
+            return total
+
+        out.append((f"{name} block", f"{B}x{T}x{D}", parallel, loop, [torch.randn(B, T, D, device=device)]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as many as the machine has)")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or cores
+    torch.set_num_threads(threads)
+    print(f"CPU, {threads} threads, torch {torch.__version__}; forward+backward, median of {args.repeats} (ms)")
+    print(f"{'what':28} {'shape':>14} {'parallel':>10} {'loop':>10} {'speed-up':>9}")
+    for name, shape, parallel, loop, inputs in scans(args.batch, args.seq) + blocks(args.batch, args.seq):
+        p, q = timed(parallel, inputs, args.repeats), timed(loop, inputs, args.repeats)
+        print(f"{name:28} {shape:>14} {p:10.1f} {q:10.1f} {q / p:8.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
