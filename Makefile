@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install train sample test test-all bench report sweep compare lint clean
+.PHONY: install train sample test test-all bench gpu-check report sweep compare lint clean
 
 install: $(STAMP)
 
@@ -28,8 +28,11 @@ test: $(STAMP)             ## the fast test suite (CI runs this)
 test-all: $(STAMP)         ## every test, slow ones included (gpu ones skip without a GPU)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m "" $(ARGS)
 
-bench: $(STAMP)            ## throughput and sampling speed vs a bare PyTorch loop, on this machine
+bench: $(if $(NO_INSTALL),,$(STAMP))  ## charlm vs a bare PyTorch loop (both sampling modes), sampling, scans, on this machine (NO_INSTALL=1: use PY as it is)
 	$(PY) scripts/bench.py $(ARGS)
+
+gpu-check:                 ## GPU proof into gpu-check/DATE/, no install (PART=part1, then PART=part2: <= 9 min each; DRY=1: CPU rehearsal)
+	PY=$(PY) scripts/gpu_check.sh $(PART) $(if $(DRY),--dry-run)
 
 report: $(STAMP)           ## gradient-flow, clipping and memory-span figures into reports/
 	$(PY) -m charlm.report $(ARGS)

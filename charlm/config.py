@@ -245,7 +245,7 @@ def check_sections(cfg: DictConfig, schemas: dict[str, type], top: type | None, 
     known = set(schemas) | set(targets) | set(target_maps)
     with_target = {}
     for name in targets:
-        if cfg.get(name) is not None:
+        if cfg.get(name):  # an empty group (scheduler=constant) builds nothing
             with_target[name] = check_target_group(cfg[name], f"{name}.")
     for name in target_maps:
         for key, entry in (cfg.get(name) or {}).items():

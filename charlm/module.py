@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils._pytree import tree_map
 
 from charlm.checkpoint import read_checkpoint
@@ -108,7 +109,7 @@ class CharLM(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip (grads are already unscaled here under AMP) and log the pre-clip global norm."""
-        params = [p for p in self.parameters() if p.grad is not None]
+        params = [p for p in self._params if p.grad is not None]  # the list is built once (on_train_start)
         value = float(self.clip["value"] or 0.0)
         if self.clip["algorithm"] == "value":
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -118,7 +119,7 @@ class CharLM(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, value if value > 0 else math.inf)
         clipped = (norm > value) if value > 0 else torch.zeros((), dtype=torch.bool, device=norm.device)
         self.clip_count += clipped.long()
-        if not self._uses_grad_scaler():
+        if not self._grad_scaler:  # with a scaler, inf gradients are the scaler's business
             self._flag_nonfinite(norm)
         if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:  # as _log_now
             self.log("train/grad_norm", norm)
@@ -126,8 +127,6 @@ class CharLM(L.LightningModule):
             self.log("train/clip_frac", self.clip_count.float() / (self.trainer.global_step + 1))
 
     def _uses_grad_scaler(self) -> bool:
-        from lightning.pytorch.plugins.precision import MixedPrecision
-
         plugin = self.trainer.precision_plugin
         return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
 
@@ -244,6 +243,8 @@ class CharLM(L.LightningModule):
         self._resume_rng = checkpoint.get("rng")
 
     def on_train_start(self) -> None:
+        self._params = list(self.parameters())  # per-step work kept small: no rebuilding these each step
+        self._grad_scaler = self._uses_grad_scaler()
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         if self.carry_state and self._state is not None:
             self._state = tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, self._state)

@@ -1,40 +1,102 @@
-"""scripts/bench.py runs end to end and writes finite positive figures (a check that it works, not a timing)."""
+"""scripts/bench.py runs end to end and writes finite positive figures (a check that it works, not a timing), its
+GPU preset reads the GPU recipes' sizes, and scripts/gpu_check.sh's CPU dry run passes (slow)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "scripts"))
 
-def test_bench_writes_results(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "cpu", "--steps", "3",
-           "--models", "lstm,transformer", "--sample-chars", "20", "--encode-mb", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+# Tiny models want one thread: on two busy cores, OpenMP's spinning threads make their steps ~100x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def positive(d: dict, keys: list[str], where: str) -> None:
+    for k in keys:
+        assert isinstance(d.get(k), (int, float)) and math.isfinite(d[k]) and d[k] > 0, f"{where}.{k}={d.get(k)}"
+
+
+def test_bench_writes_results_for_both_modes(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "tiny", "--steps", "3",
+           "--models", "rnn,transformer", "--modes", "random,stream", "--sample-chars", "20", "--encode-mb", "1",
+           "--scan-shape", "2x8", "--scan-repeats", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [json_path] = tmp_path.glob("results-*.json")
     md = json_path.with_suffix(".md").read_text()
     res = json.loads(json_path.read_text())
     assert res["machine"] in md.splitlines()[0] and res["date"] in md.splitlines()[0]
-    assert set(res["models"]) == {"lstm", "transformer"}
-
-    def positive(d: dict, keys: list[str], where: str):
-        for k in keys:
-            assert isinstance(d.get(k), (int, float)) and math.isfinite(d[k]) and d[k] > 0, f"{where}.{k}={d.get(k)}"
+    assert set(res["models"]) == {"rnn", "transformer"} and not res["skipped"]
 
     for name, r in res["models"].items():
-        positive(r, ["params", "ratio"], name)
-        for side in ("charlm", "bare"):
-            positive(r[side], ["params", "tokens_per_s", "seconds", "peak_rss_mb"], f"{name}.{side}")
-            assert math.isfinite(r[side]["rss_growth_mb"])
-        assert r["charlm"]["params"] == r["bare"]["params"]  # the same architecture on both sides
+        positive(r, ["params"], name)
+        assert set(r["modes"]) == {"random", "stream"}, name
+        for mode, m in r["modes"].items():
+            positive(m, ["ratio"], f"{name}.{mode}")
+            for side in ("charlm", "bare"):
+                positive(m[side], ["params", "tokens_per_s", "seconds", "peak_rss_mb"], f"{name}.{mode}.{side}")
+                assert math.isfinite(m[side]["rss_growth_mb"])
+            assert m["charlm"]["params"] == m["bare"]["params"] == r["params"]  # the same architecture on both sides
+            assert m["charlm"]["sampling"] == mode  # charlm trained the way the bare loop did
         positive(r["sampling"], ["single_chars_per_s", "batch64_chars_per_s"], f"{name}.sampling")
         assert f"| {name} |" in md
     positive(res["models"]["transformer"]["sampling"], [
         "single_recompute_chars_per_s", "batch64_recompute_chars_per_s", "single_cache_speedup",
         "batch64_cache_speedup"], "transformer.sampling")
+    assert {s["what"].split()[0] for s in res["scans"]} >= {"log_scan", "linear_scan", "mingru", "mamba"}
+    for s in res["scans"]:
+        positive(s, ["parallel_ms", "loop_ms", "speedup"], s["what"])
     positive(res["data"], ["mb", "encode_s", "mb_per_s", "prepare_again_s", "peak_rss_mb"], "data")
     assert isinstance(res["data"]["memory_mapped"], bool)
+    assert "Lowest ratio" in md and "Parallel scan" in md
+
+
+def test_default_modes_and_models():
+    import bench
+
+    assert bench.modes_for("auto", "stream") == ["random", "stream"]
+    assert bench.modes_for("auto", "random") == ["random"]  # the transformer and birnn train on windows
+    assert bench.modes_for("stream", "random") == ["stream"]
+    names = bench.all_models()
+    assert names[:4] == ["rnn", "lstm", "gru", "transformer"]
+    assert {"mingru", "minlstm", "hawk", "mamba", "birnn", "gru_tanh_out"} <= set(names)
+
+
+def test_gpu_preset_takes_the_gpu_recipes_sizes():
+    import bench
+
+    gpu = bench.PRESETS["gpu"]
+    lstm = bench.size_overrides("lstm", gpu)
+    assert "model.hidden_dim=512" in lstm and "model.num_layers=3" in lstm
+    assert not any(o.startswith(("optim.", "data.", "scheduler.")) for o in lstm)  # both sides keep the same optim
+    assert "compile=true" in bench.size_overrides("transformer", gpu)
+    assert bench.size_overrides("lstm", bench.PRESETS["cpu"]) == []  # conf/model sizes as they are
+    overrides, bare = bench.model_setup("mamba", "stream", gpu, steps=5)
+    assert "data.sampling=stream" in overrides and "~scheduler" in overrides and "optim.weight_decay=0.0" in overrides
+    assert bare["model"]["hidden_dim"] == 384 and bare["preferred_sampling"] == "stream"
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    env = {**ENV, "GPU_CHECK_DIR": str(tmp_path / "check"), "GPU_CHECK_EXPORT": str(tmp_path / "export")}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    check = tmp_path / "check"
+    for part in ("part1", "part2"):
+        summary = (check / f"summary-{part}.md").read_text()
+        assert "failed" not in summary and "timed out" not in summary, summary
+        assert (tmp_path / "export" / f"gpu-check-{part}.tar.gz").exists()
+    assert list((check / "bench").glob("results-*.json"))
+    ttq = json.loads((check / "shakespeare_best" / "time_to_quality.json").read_text())
+    assert ttq["points"] and set(ttq["thresholds"]) == {"3.3", "1.45", "1.4"}
+    assert ttq["window_val_loss"] is not None and ttq["best_val_loss"] is not None
+    assert (check / "shakespeare_best" / "csv" / "metrics.csv").exists()
+    assert (check / "compare" / "leaderboard.md").exists()
