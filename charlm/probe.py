@@ -2,10 +2,10 @@
 
 - `probe_rows` / `lag_accuracy`: recall accuracy at one lag. Each row is `prefix` characters of the
   task's stream (whole earlier episodes, distractors: the model's state is warm and busy, as in
-  training), then "!S", `lag` characters of noise and the cue "?"; the row is scored at its last
-  position, the argmax over the symbols (chance: 1/n_symbols). A model with a window
-  (`context_size`, the contract) sees the last `context_size` characters only, so beyond its
-  window it cannot see S.
+  training), then the store token s, `lag` characters of noise and the cue "?"; the row is scored
+  at its last position, the argmax over the symbols (chance: 1/n_symbols). A model with a window
+  (`context_size`, the contract) sees the last `context_size` characters only: from lag
+  context_size - 1 on, s has left its window.
 - `span`: the longest ladder lag up to which accuracy stays at or above a threshold.
 - `lstm_forget_gates`: the forget gate f_t of every nn.LSTM layer, recomputed from its weights
   (PyTorch's gate order i, f, g, o), for models whose class has no `gate_openings` hook.
@@ -23,23 +23,23 @@ from torch import nn
 
 from charlm.gradients import position_grad_norms
 from charlm.models.contract import capabilities
-from charlm.recall import CUE, MARK, Task
+from charlm.recall import CUE, Task
 
 
 def probe_rows(task: Task, lag: int, n: int, seed: int, prefix: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x (n, prefix + lag + 3), answers (n,)): `prefix` stream characters ending in a gap, then "!S",
-    `lag` noise characters, "?". Rows and answers depend on (seed, lag) only."""
+    """(x (n, prefix + lag + 2), answers (n,)): `prefix` stream characters ending in a gap, then the
+    store token of S, `lag` noise characters, "?". Rows and answers depend on (seed, lag) only."""
     rng = np.random.default_rng([seed, lag, 1 << 12])
     rows, answers = [], []
     for _ in range(n):
         # whole episodes (lags up to 64), then the gap before the probe's episode; its last `prefix` chars
         head = np.concatenate([task.stream(rng, prefix, 64, per_call=8),
                                task.noise(rng, int(rng.integers(0, task.max_gap + 1)))])[-prefix:] if prefix else []
-        s = int(task.symbols[rng.integers(0, task.n_symbols)])
-        body = [task.vocab.stoi[MARK], s, *task.noise(rng, lag), task.vocab.stoi[CUE]]
+        k = int(rng.integers(0, task.n_symbols))
+        body = [task.stores[k], *task.noise(rng, lag), task.vocab.stoi[CUE]]
         rows.append(np.concatenate([np.asarray(head, np.int64), np.asarray(body, np.int64)]))
-        answers.append(s)
-    return torch.from_numpy(np.stack(rows)), torch.tensor(answers)   # (n, prefix+lag+3), (n,)
+        answers.append(int(task.symbols[k]))
+    return torch.from_numpy(np.stack(rows)), torch.tensor(answers)   # (n, prefix+lag+2), (n,)
 
 
 @torch.no_grad()

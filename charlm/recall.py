@@ -1,25 +1,28 @@
 """`data=recall`: a synthetic memory-span task, served as ordinary next-character prediction.
 
-The text is one continuous stream of fillers (".abc...") with distractor symbols ("ABC...")
+The text is one continuous stream of fillers (".-,:;...") with distractor symbols ("ABC...")
 sprinkled among them, into which episodes are dropped at random offsets:
 
-    ..a.C.b!Db.A..c.?D.b..a!Ba?B.A..!Fc.?F..
+    .-C,:d-.A:,-?D:.-b,?B.,A-.f,-:.G-,?F:-
 
-An episode is the marker "!", the symbol S to keep, `lag` characters (fillers and distractors),
-the cue "?" and S again. After "?" the next character is the symbol that followed the last "!":
-predicting it needs a memory that holds S for lag+1 characters and is selective (a distractor,
-the same kind of character, must not overwrite it; "the last capital letter" is wrong as soon as
-one falls between). Gaps between episodes are random and windows start anywhere in the stream,
-so the position of S within a window is uniform and carries no information (a transformer cannot
-attend to a fixed slot), and a window holds several episodes when lags are short.
+An episode is a store token s (the lowercase twin of a symbol S: "remember S"), `lag` noise
+characters, the cue "?" and S. After "?" the next character is the symbol of the last store
+token: predicting it needs a memory that holds S for lag+1 characters and is selective (the
+distractors are the answer characters themselves, and must not overwrite it). Gaps between
+episodes are random and windows start anywhere in the stream, so the position of s within a
+window is uniform and carries no information (a transformer cannot attend to a fixed slot), and
+a window holds several episodes when lags are short. (A separate marker before S, "!S", asks the
+same of a recurrent model, but a small transformer then settles on "copy the latest symbol" and
+needs far more steps than a CPU budget to find "the symbol after the marker".)
 
-Curriculum (the design choice, see REPORT.md): training batches are generated on the fly, and
-the longest lag grows geometrically from `curriculum_start` to `max_lag` over the first
-`curriculum_steps` steps, with lags log-uniform below that cap (each octave of lags as common as
-the next) all along. A model first learns the task where it can (a vanilla RNN at lags of a few
-characters, instead of drowning in lags it can never bridge) and keeps those short lags in every
-batch while the long ones arrive: one run per model shows its best short-lag ability and its
-limit, for the price of one run (one run per lag bucket would cost one run per bucket).
+Curriculum (the design choice, see REPORT.md): training batches are generated on the fly; the
+longest lag grows geometrically from `curriculum_start` to `max_lag` over the first
+`curriculum_steps` steps, with lags log-uniform below that cap (each octave as common as the
+next) all along, and the distractor rate ramps from 0 to `p_distract` over the same steps. A
+model first learns the task where it can (a vanilla RNN at lags of a few characters, instead of
+drowning in lags it can never bridge) and keeps those short lags in every batch while the long
+ones arrive: one run per model shows its best short-lag ability and its limit, for the price of
+one run (one run per lag bucket would cost one run per bucket).
 
 Batches: `sampling=stream` (recurrent models) serves `batch_size` independent endless streams,
 chunk after chunk with the state carried (truncated BPTT: the gradient stops at each chunk of
@@ -32,7 +35,7 @@ is the accuracy at the cue positions. The lag-by-lag probe lives in `charlm.prob
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import numpy as np
@@ -44,12 +47,13 @@ from charlm.errors import CorpusError
 from charlm.vocab import CharVocab
 from charlm.yardstick import IGNORE, Batch
 
-SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-FILLERS, MARK, CUE = ".abcdefghijklmnopqrstuvwxyz", "!", "?"
+SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"   # answers, and the distractors among the fillers
+STORES = SYMBOLS.lower()                  # store token of each symbol: "remember S"
+FILLERS, CUE = ".-,:;+=*~^", "?"
 
 
 def recall_vocab(n_symbols: int, n_fillers: int) -> CharVocab:
-    return CharVocab(SYMBOLS[:n_symbols] + FILLERS[:n_fillers] + MARK + CUE)
+    return CharVocab(SYMBOLS[:n_symbols] + STORES[:n_symbols] + FILLERS[:n_fillers] + CUE)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ class Task:
     @property
     def symbols(self) -> np.ndarray:
         return np.array([self.vocab.stoi[c] for c in SYMBOLS[: self.n_symbols]])
+
+    @property
+    def stores(self) -> np.ndarray:
+        return np.array([self.vocab.stoi[c] for c in STORES[: self.n_symbols]])
 
     @property
     def fillers(self) -> np.ndarray:
@@ -87,14 +95,13 @@ class Task:
         return out
 
     def episodes(self, rng: np.random.Generator, lags: np.ndarray) -> np.ndarray:
-        """One episode per lag, each a random gap of noise then "!S", lag noise, "?S": (sum of lengths,) ids."""
+        """One episode per lag, each a random gap of noise then s, lag noise, "?S": (sum of lengths,) ids."""
         gaps = rng.integers(0, self.max_gap + 1, len(lags))
-        lens = gaps + lags + 4
-        mark = np.cumsum(lens) - lens + gaps                 # (m,) where each "!" goes
+        lens = gaps + lags + 3
+        store = np.cumsum(lens) - lens + gaps                # (m,) where each store token goes
         out = self.noise(rng, int(lens.sum()))
-        sym = self.symbols[rng.integers(0, self.n_symbols, len(lags))]
-        out[mark], out[mark + 1] = self.vocab.stoi[MARK], sym
-        out[mark + lags + 2], out[mark + lags + 3] = self.vocab.stoi[CUE], sym
+        k = rng.integers(0, self.n_symbols, len(lags))       # (m,) which symbol
+        out[store], out[store + lags + 1], out[store + lags + 2] = self.stores[k], self.vocab.stoi[CUE], self.symbols[k]
         return out
 
     def stream(self, rng: np.random.Generator, n: int, max_lag: int, per_call: int = 64) -> np.ndarray:
@@ -131,6 +138,12 @@ class EpisodeBatches(IterableDataset):
     def cap(self, k: int) -> int:
         return lag_cap(k, *self.curriculum)
 
+    def task_at(self, k: int) -> Task:
+        """The task at step k: distractors ramp up with the curriculum, from none to p_distract."""
+        steps = self.curriculum[1]
+        frac = 1.0 if steps <= 0 else min(1.0, k / steps)
+        return replace(self.task, p_distract=self.task.p_distract * frac)
+
     def _streams(self):
         rngs = [np.random.default_rng([self.seed, b]) for b in range(self.B)]
         bufs = [np.zeros(0, np.int64)] * self.B
@@ -139,7 +152,7 @@ class EpisodeBatches(IterableDataset):
             need = self.T + 1 if k == 0 else self.T       # later windows reuse the previous window's last id
             for b, rng in enumerate(rngs):
                 if len(bufs[b]) < need:
-                    bufs[b] = np.concatenate([bufs[b], self.task.stream(rng, need, self.cap(k))])
+                    bufs[b] = np.concatenate([bufs[b], self.task_at(k).stream(rng, need, self.cap(k))])
             if k == 0:
                 w = np.stack([buf[: self.T + 1] for buf in bufs])              # (B, T+1)
             else:
@@ -155,7 +168,7 @@ class EpisodeBatches(IterableDataset):
             burn = self.cap(k) + self.task.max_gap + 4      # one longest episode
             rows = []
             for _ in range(self.B):
-                s = self.task.stream(rng, 2 * burn + self.T + 1, self.cap(k))
+                s = self.task_at(k).stream(rng, 2 * burn + self.T + 1, self.cap(k))
                 off = int(rng.integers(burn, 2 * burn))
                 rows.append(s[off : off + self.T + 1])
             yield k, np.stack(rows)                                           # (B, T+1)

@@ -29,7 +29,8 @@ from charlm.cli import CONF_DIR, compose, hydra_main
 from charlm.config import check_sections, check_train
 from charlm.errors import ConfigError, DivergenceError
 from charlm.schemas import ReportTop
-from charlm.span_study import available, markdown, memory_span_study
+from charlm.span_report import markdown
+from charlm.span_study import available, memory_span_study
 
 
 class StepRecorder(L.Callback):
@@ -59,8 +60,10 @@ def fit(overrides: list[str], sizes: dict, device: str, callbacks: list = (), se
     replace the model config's where it has them. Returns (module, dm, callbacks)."""
     base = [f"trainer={'gpu' if device == 'cuda' else 'cpu'}", "logger=none", "callbacks=none", f"seed={seed}",
             "++trainer.enable_progress_bar=false", "gates_every=null", "sample.n_chars=0", *overrides]
-    model_keys = _compose(base).model
-    cfg = _compose(base + [f"model.{k}={v}" for k, v in sizes.items() if k in model_keys])
+    cfg = _compose(base)
+    for k, v in sizes.items():  # as `model.KEY=VALUE` overrides would, for the keys the model has
+        if k in cfg.model:
+            cfg.model[k] = v
     check_train(cfg)
     name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "model")
     with tempfile.TemporaryDirectory(prefix="charlm-report-") as run_dir:

@@ -84,7 +84,7 @@ def plot_gates(gates: dict, path: Path, task: dict) -> None:
                      label=f"{name}: forget-gate product (r={c['r']:.2f})")
     ax1.set(xlabel="training step", ylabel="mean gate opening (1 = keep)", ylim=(0, 1.02),
             title="Memory-gate openings over training (gates/...)")
-    if not any(g["history"] for g in gates.values()):
+    if not any(len(h) > 1 for g in gates.values() for h in g["history"]):
         ax1.text(0.5, 0.5, "no model declares gate_openings", ha="center", va="center", transform=ax1.transAxes)
     ax2.set_yscale("log")
     ax2.set(xlabel="lag k (characters before the cue)", ylabel="mean ||dL_cue / d emb_(cue-k)||",

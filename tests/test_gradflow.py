@@ -17,15 +17,6 @@ from charlm.callbacks import GradFlowCallback
 from charlm.gradflow import model_config
 from charlm.gradients import gradient_flow, position_grad_norms
 from charlm.models.rnn import RNNLM
-from charlm.recall import (
-    CUE,
-    FILLERS,
-    SYMBOLS,
-    RecallDataModule,
-    episode_stream,
-    lag_accuracy,
-    recall_mask,
-)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_NAMES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -109,7 +100,8 @@ def test_gradflow_callback_writes_curves(tmp_path, monkeypatch):
     from charlm.module import CharLM
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    dm = CharDataModule(block_size=12, batch_size=4, eval_batch_size=8)
+    dm = CharDataModule(block_size=12, batch_size=4)
+    dm.configure_eval(chunk=12)
     dm.prepare()
     dm.splits["val"] = dm.splits["val"][:200]
     module = CharLM(model={"_target_": "charlm.models.rnn.RNNLM", "cell": "gru", "embed_dim": 8, "hidden_dim": 16},
@@ -149,123 +141,3 @@ def test_clip_recipes_differ_only_in_clipping():
 # ---- the recall task ----------------------------------------------------------------------
 
 EPISODE = re.compile(r"([A-Z])([^A-Z?\n]*)\?\1(\n+)")
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_episode_stream_format(padded):
-    text = episode_stream(3000, n_symbols=4, n_fillers=3, min_lag=2, max_lag=9, seed=0, padded=padded)
-    episodes = EPISODE.findall(text)
-    assert "".join(f"{s}{f}?{s}{nl}" for s, f, nl in episodes) == text  # nothing but whole episodes
-    assert {s for s, _, _ in episodes} == set("ABCD")
-    assert {c for _, f, _ in episodes for c in f} == set(".ab")
-    assert {len(f) for _, f, _ in episodes} == set(range(2, 10))
-    assert {len(f) + len(nl) for _, f, nl in episodes} == ({9 + 1} if padded else set(range(3, 11)))
-    assert episode_stream(3000, 4, 3, 2, 9, seed=0, padded=padded) == text
-    assert text != episode_stream(3000, 4, 3, 2, 9, seed=1, padded=padded)
-
-
-def test_recall_datamodule_batches():
-    dm = RecallDataModule(n_symbols=5, n_fillers=2, max_lag=6, n_chars=5000, block_size=20, batch_size=3,
-                          aligned=False)
-    dm.prepare()
-    assert dm.vocab.chars == sorted("ABCDE.a?\n")
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == y.shape == (3, 20) and torch.equal(x[:, 1:], y[:, :-1])
-    text = dm.vocab.decode(dm.splits["train"]) + dm.vocab.decode(dm.splits["val"])
-    assert EPISODE.sub("", text) == ""  # the splits are one episode stream, cut in two
-    assert isinstance(dm.callbacks()[0], L.Callback)
-
-
-def test_aligned_windows_hold_one_episode():
-    dm = RecallDataModule(n_symbols=4, n_fillers=2, max_lag=6, n_chars=5000, block_size=9, batch_size=16,
-                          eval_batch_size=5)
-    dm.prepare()
-    one = re.compile(r"\n([A-D])[.a]*\?(\1\n*)?")  # x: newline, symbol, fillers, cue (, symbol, padding)
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (16, 9) and all(one.fullmatch(dm.vocab.decode(r)) for r in x)
-    val = [dm.vocab.decode(r) for x, _ in dm.val_dataloader() for r in x]
-    assert all(one.fullmatch(r) for r in val)
-    assert len(val) == len(re.findall(r"\n[A-D]", dm.vocab.decode(dm.splits["val"])))  # each episode, once
-    with pytest.raises(ValueError, match="whole episode"):
-        RecallDataModule(max_lag=64, block_size=32)
-
-
-def test_recall_mask_needs_the_symbol_in_the_window():
-    from charlm.recall import recall_vocab
-
-    vocab = recall_vocab(3, 2)
-    ids = lambda s: torch.tensor([vocab.encode(s)])  # noqa: E731
-    fillers = torch.tensor([vocab.stoi[c] for c in FILLERS[:2]])
-    # the first cue's symbol lies before the window; the others' are inside it
-    mask = recall_mask(ids(".a?B\nCa.?C\nA?A"), vocab.stoi[CUE], fillers)[0]
-    assert mask.nonzero().flatten().tolist() == [8, 12]
-
-
-class Oracle(nn.Module):
-    """Predicts, at every position, the last symbol seen, except that it answers B for A."""
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.V = len(vocab)
-        self.sym = {vocab.stoi[c] for c in SYMBOLS if c in vocab.stoi}
-        self.a, self.b = vocab.stoi["A"], vocab.stoi["B"]
-        self.embed = nn.Embedding(self.V, 1)  # a parameter, so it moves and trains like a model
-
-    def forward(self, idx, state=None):
-        out = torch.zeros(*idx.shape, self.V)
-        for r, row in enumerate(idx.tolist()):
-            last = self.b
-            for t, i in enumerate(row):
-                last = i if i in self.sym else last
-                out[r, t, self.b if last == self.a else last] = 1.0
-        return out, None
-
-
-@pytest.mark.parametrize("aligned", [True, False])
-def test_recall_accuracy_callback_on_a_known_model(aligned):
-    from charlm.module import CharLM
-
-    dm = RecallDataModule(n_symbols=3, n_fillers=2, max_lag=5, n_chars=4000, block_size=16, eval_batch_size=7,
-                          aligned=aligned)
-    dm.prepare()
-    module = CharLM(model={"_target_": "charlm.models.rnn.RNNLM", "cell": "rnn", "embed_dim": 4, "hidden_dim": 4},
-                    vocab=dm.vocab.to_dict(), sample={"n_chars": 0})
-    module.model = Oracle(dm.vocab)
-    trainer = L.Trainer(logger=False, callbacks=dm.callbacks(), accelerator="cpu", enable_progress_bar=False)
-    (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
-    # expected, from the text of the windows the val pass sees: a cue counts when its symbol is in
-    # the window, and the oracle is right unless that symbol is A
-    right = total = 0
-    for x, _ in dm.val_dataloader():
-        for row in x:
-            for m in re.finditer(r"([A-Z])[.a]*\?", dm.vocab.decode(row)):
-                total += 1
-                right += m.group(1) != "A"
-    assert total > 20
-    assert metrics["val/recall_acc"] == pytest.approx(right / total)
-
-
-def test_lag_accuracy_of_the_oracle():
-    from charlm.recall import recall_vocab
-
-    vocab = recall_vocab(4, 3)
-    acc = lag_accuracy(Oracle(vocab), vocab, lag=7, n_symbols=4, n_fillers=3, n=400)
-    assert 0.65 < acc < 0.85  # right except for A: 3/4 in expectation
-
-
-# ---- the report ---------------------------------------------------------------------------
-
-
-def test_report_tiny_end_to_end(tmp_path):
-    out = tmp_path / "reports"
-    run_cli("charlm.report", "size=tiny", f"out_dir={out}")
-    for f in ("gradient_flow.png", "clipping.png", "memory_span.png", "REPORT.md"):
-        assert (out / f).stat().st_size > 500, f
-    clip = json.loads((out / "clipping.json").read_text())
-    assert clip["clip_off"]["diverged"] and not clip["clip_on"]["diverged"]
-    assert clip["clip_on"]["loss"][-1] < clip["clip_on"]["loss"][0]
-    span = json.loads((out / "memory_span.json").read_text())
-    assert set(span["models"]) == {"rnn", "lstm", "gru", "transformer"}
-    assert all(len(m["accuracy"]) == len(span["task"]["lags"]) for m in span["models"].values())
-    md = (out / "REPORT.md").read_text()
-    assert "![memory span](memory_span.png)" in md and "| transformer |" in md
