@@ -8,8 +8,8 @@ import io
 import json
 import os
 import platform
-import time
 import statistics
+import time
 from pathlib import Path
 
 import torch

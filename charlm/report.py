@@ -14,7 +14,6 @@ import logging
 import math
 import platform
 import re
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,13 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.atomic import write_atomic, write_json
-from charlm.build import build
-from charlm.cli import CONF_DIR, compose, hydra_main
-from charlm.config import check_sections, check_train
+from charlm.cli import CONF_DIR, hydra_main
+from charlm.config import check_sections
 from charlm.errors import ConfigError, DivergenceError
+from charlm.quickfit import _compose, fit
 from charlm.schemas import ReportTop
 from charlm.span_report import markdown
-from charlm.span_study import available, memory_span_study
+from charlm.span_study import available, finite, memory_span_study
 
 
 class StepRecorder(L.Callback):
@@ -47,29 +46,6 @@ class StepRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.loss.append(float(loss))
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    """The train config with `overrides`, as charlm.train would compose it."""
-    return compose("train", overrides)
-
-
-def fit(overrides: list[str], sizes: dict, device: str, callbacks: list = (), seed: int = 1337):
-    """Train through the builder exactly as `python -m charlm.train OVERRIDES` would (same sampling,
-    evaluation, clipping), without loggers, progress bar or kept checkpoints. Model keys in `sizes`
-    replace the model config's where it has them. Returns (module, dm, callbacks)."""
-    base = [f"trainer={'gpu' if device == 'cuda' else 'cpu'}", "logger=none", "callbacks=none", f"seed={seed}",
-            "++trainer.enable_progress_bar=false", "gates_every=null", "sample.n_chars=0", *overrides]
-    cfg = _compose(base)
-    for k, v in sizes.items():  # as `model.KEY=VALUE` overrides would, for the keys the model has
-        if k in cfg.model:
-            cfg.model[k] = v
-    check_train(cfg)
-    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "model")
-    with tempfile.TemporaryDirectory(prefix="charlm-report-") as run_dir:
-        built = build(cfg, Path(run_dir), name, extra_callbacks=callbacks)
-        built.trainer.fit(built.module, datamodule=built.dm)
-    return built.module, built.dm, built.trainer.callbacks
 
 
 def _plt():
@@ -132,7 +108,7 @@ def clipping_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
     fig.tight_layout()
     fig.savefig(out / "clipping.png", dpi=120)
     plt.close(fig)
-    write_json(out / "clipping.json", runs)
+    write_json(out / "clipping.json", finite(runs))  # a diverged loss (NaN/inf) is stored as null
     return runs
 
 

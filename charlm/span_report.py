@@ -58,6 +58,9 @@ def verdict(name: str, r: dict, task: dict, results: dict) -> tuple[str, str]:
         return _window_verdict(text, r, task, s50)
     longest = s50 is not None and s50 == lags[-1]
     block, steps, params = r["block_size"], task["steps"], r["params"]
+    if s50 is None:
+        return text, (f"disagrees: accuracy is under {LOW} already at lag {lags[0]}, so in {steps} steps these "
+                      f"{params:,} parameters did not learn the task; nothing is measured.")
     target, measured = int(str(claim).lstrip(">=")), -1 if s50 is None else s50
     if str(claim).startswith(">="):
         if measured >= target:

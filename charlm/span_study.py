@@ -7,6 +7,7 @@ charlm.span_report draws the figures and writes REPORT.md's section."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -30,13 +31,24 @@ def available(models) -> tuple[list[str], list[str]]:
     return have, [m for m in names if m not in have]
 
 
+def finite(obj):
+    """obj with every float that is NaN or infinite replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
 def _train(cfg: DictConfig, rp: DictConfig, name: str, seed: int, extra: list[str]):
     """One training run on data=recall and its probe; (record, trained module, data module)."""
-    from charlm.report import fit
+    from charlm.quickfit import fit
 
     t0 = time.perf_counter()
     sizes = {**_plain(rp.model), **_plain((rp.get("model_by_name") or {}).get(name))}
@@ -128,8 +140,8 @@ def memory_span_study(cfg: DictConfig, preset: DictConfig, out: Path, models: li
                                            "batch_size")}}
     span_json = {"task": task, "models": results,
                  "tbptt": {"model": tb.model, "runs": tbptt} if tbptt else None}
-    write_json(out / "memory_span.json", span_json)
-    write_json(out / "gates.json", gates)
+    write_json(out / "memory_span.json", finite(span_json))
+    write_json(out / "gates.json", finite(gates))
     plot_spans(span_json, out / "memory_span.png")
     plot_gates(gates, out / "gates.png")
     return {**span_json, "gates": gates}

@@ -31,7 +31,7 @@ def test_checkpoint_loads_weights_only_and_rebuilds(trained_run):
     assert logits.shape == (1, 3, len(module.vocab)) == (1, 3, 65)
     from charlm.module import CharLM
 
-    again = CharLM.load_from_checkpoint(path, map_location="cpu")
+    again = CharLM.load_from_checkpoint(path, map_location="cpu").eval()  # dropout off, as load_charlm
     torch.testing.assert_close(again.model(torch.ones(1, 4, dtype=torch.long))[0],
                                module.model(torch.ones(1, 4, dtype=torch.long))[0])
 

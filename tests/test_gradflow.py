@@ -1,9 +1,8 @@
-"""Gradient flow (causality, vanishing), the clipping recipes, the recall task and the report, end to end."""
+"""Gradient flow (causality, vanishing) and the clipping recipes (the recall task and the report: test_recall.py)."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import lightning as L
@@ -136,8 +135,3 @@ def test_clip_recipes_differ_only_in_clipping():
     assert off.model.nonlinearity == "relu" and off.divergence_factor is None
     off.clip.value = on.clip.value
     assert off == on
-
-
-# ---- the recall task ----------------------------------------------------------------------
-
-EPISODE = re.compile(r"([A-Z])([^A-Z?\n]*)\?\1(\n+)")

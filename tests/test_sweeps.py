@@ -10,7 +10,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from conftest import ROOT, TINY, run_cli
 
@@ -33,12 +32,13 @@ def test_multirun_summary_reports_a_failed_job(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "failed"]
     ok, failed = rows
     results = json.loads((tmp_path / ok["job"] / "results.json").read_text())
-    assert math.isclose(float(ok["val_bpc"]), results["val_bpc"]) and ok["model"] == "lstm"
+    assert math.isclose(float(ok["best_val_bpc"]), results["best_val_bpc"]) and ok["model"] == "lstm"
+    assert ok["protocol"].startswith("8 streams")  # the yardstick's protocol, shown beside the figure
     assert "model.dropout=0.0" in ok["overrides"]
     assert "model.dropout=1.5" in failed["overrides"] and "must be in [0, 1)" in failed["error"]
     assert not (tmp_path / failed["job"] / "results.json").exists()
     md = (tmp_path / "summary.md").read_text()
-    assert "| job | status | val_bpc |" in md and "| failed |" in md
+    assert "| job | status | best_val_bpc |" in md and "| failed |" in md
 
 
 def test_each_job_has_its_own_wandb_run_even_after_a_failure(tmp_path):
@@ -64,7 +64,8 @@ def test_summary_sorts_by_val_bpc_and_puts_failures_last(tmp_path):
             {"num": int(job), "overrides": [f"optim.lr={job}"], "status": "failed" if bpc is None else "ok",
              "error": "ConfigError: bad" if bpc is None else ""}))
         if bpc is not None:
-            (tmp_path / job / "results.json").write_text(json.dumps({"val_bpc": bpc, "val_loss": bpc * math.log(2)}))
+            results = {"best_val_bpc": bpc, "best_val_loss": bpc * math.log(2)}
+            (tmp_path / job / "results.json").write_text(json.dumps(results))
     rows = write_summary(tmp_path)
     assert [r["job"] for r in rows] == ["2", "0", "3", "1"]
     assert (tmp_path / "summary.md").read_text().count("\n| ") == 4
