@@ -203,7 +203,9 @@ class RecallAccuracy(L.Callback):
         self.total += int(mask.sum())
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        acc = self.correct / self.total if self.total else float("nan")
+        counts = torch.tensor([self.correct, self.total], dtype=torch.float64, device=pl_module.device)
+        correct, total = trainer.strategy.reduce(counts, reduce_op="sum").tolist()  # every rank's share
+        acc = correct / total if total else float("nan")
         pl_module.log("val/recall_acc", acc, sync_dist=False)
         if not trainer.sanity_checking:
             self.history.append((trainer.global_step, acc))
