@@ -136,7 +136,7 @@ class EpisodeBatches(IterableDataset):
         self.stream, self.start = stream, start
 
     def cap(self, k: int) -> int:
-        return lag_cap(k, *self.curriculum)
+        return max(self.task.min_lag, lag_cap(k, *self.curriculum))
 
     def task_at(self, k: int) -> Task:
         """The task at step k: distractors ramp up with the curriculum, from none to p_distract."""
@@ -178,7 +178,7 @@ class EpisodeBatches(IterableDataset):
         for k, w in self._streams() if self.stream else self._random():
             if k >= self.start:
                 w = torch.from_numpy(w).long()
-                yield Batch(w[:, :-1], w[:, 1:], k == 0)
+                yield Batch(w[:, :-1], w[:, 1:], k == 0 or not self.stream)  # random windows: never a carried state
 
 
 class RecallAccuracy(L.Callback):
