@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from charlm.corpus import _torch_ids, encode_corpus
 from charlm.errors import CorpusError
+from charlm.split import SPLITS, split_slice
 from charlm.vocab import CharVocab
 from charlm.yardstick import Batch, eval_dataset
 
@@ -119,9 +120,8 @@ class CharDataModule(L.LightningDataModule):
             mapping = np.array([self.vocab.stoi[c] for c in corpus_vocab.chars], dtype=np.int32)
             ids = _torch_ids(mapping[np.asarray(ids)].astype(self.vocab.id_dtype))
         n = len(ids)
-        n_val, n_test = int(n * self.val_fraction), int(n * self.test_fraction)
-        n_train = n - n_val - n_test
-        self.splits = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
+        self.splits = {s: ids[split_slice(n, s, self.val_fraction, self.test_fraction)] for s in SPLITS}
+        n_test = len(self.splits["test"])
         where = self.path or self.name
         for split in ("train", "val") + (("test",) if n_test else ()):
             if len(self.splits[split]) < self.block_size + 1:

@@ -24,6 +24,7 @@ from charlm.data import _torch_ids, encode_corpus
 from charlm.errors import ConfigError, CorpusError
 from charlm.models.contract import capabilities
 from charlm.schemas import EvalConfig
+from charlm.split import split_slice
 from charlm.vocab import CharVocab
 from charlm.yardstick import eval_dataset, protocol, score, window_loss
 
@@ -63,13 +64,8 @@ def corpus_ids(cfg: DictConfig, vocab: CharVocab) -> tuple[torch.Tensor, int]:
 
 
 def split_of(ids: torch.Tensor, split: str, val_fraction: float, test_fraction: float) -> torch.Tensor:
-    """The split as training cut it: train first, then val, then test (contiguous)."""
-    if split == "all":
-        return ids
-    n = len(ids)
-    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
-    n_train = n - n_val - n_test
-    return ids[n_train : n_train + n_val] if split == "val" else ids[n_train + n_val :]
+    """The split as training cut it (`charlm.split`: train first, then val, then test, contiguous)."""
+    return ids[split_slice(len(ids), split, val_fraction, test_fraction)]
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset
 
 from charlm.data import CharDataModule
 from charlm.errors import CorpusError
+from charlm.split import split_bounds
 from charlm.vocab import CharVocab
 from charlm.yardstick import IGNORE, Batch
 
@@ -265,8 +266,9 @@ class RecallDataModule(CharDataModule):
             raise CorpusError(f"recall: the checkpoint's vocabulary lacks {missing!r}")
         rng = np.random.default_rng([self.seed, 1 << 30])
         ids = torch.from_numpy(self.task.stream(rng, self.n_chars, self.max_lag)[: self.n_chars].astype(np.int32))
-        n_val = int(len(ids) * self.val_fraction)
-        self.splits = {"train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val :], "test": ids[:0]}
+        train_end, _ = split_bounds(len(ids), self.val_fraction)
+        self.splits = {"train": ids[:train_end], "val": ids[train_end:], "test": ids[:0]}
+        n_val = len(self.splits["val"])
         if len(self.splits["val"]) < self.block_size + 1:
             raise CorpusError(f"recall: val split has {n_val} characters, fewer than one window "
                               f"(data.block_size={self.block_size} + 1); raise data.n_chars")
