@@ -213,8 +213,9 @@ class CharLM(L.LightningModule):
     def configure_optimizers(self):
         optim = dict(self.hparams.optim or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3})
         wd = optim.pop("weight_decay", 0.0)
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if self.caps.decays(n, p)]      # the model declares what must not decay
+        no_decay = [p for n, p in named if not self.caps.decays(n, p)]
         groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = instantiate(optim, _convert_="all")(groups)
         if not self.hparams.scheduler:

@@ -16,6 +16,9 @@ auxiliary losses       method `aux_losses(idx, targets)`      none: {} (added to
 infill                 method `infill(vocab, text, ...)`      none: sampling refuses `infill=`
 token embedding        method `token_embedding()`             the model's first nn.Embedding
 gate openings          method `gate_openings(idx)`            none: {} (no `gates/...` metrics)
+parameters not decayed class attr `no_weight_decay`         (): weight decay goes to every parameter with
+                       (parameter names, matched as the       dim >= 2; a name listed here (e.g. Mamba's
+                       last part of the dotted name)          `A_log`) never decays, whatever its shape
 =====================  =====================================  ==========================================
 
 `capabilities(model)` is the one place that reads them; nothing else looks attributes up on a model.
@@ -51,6 +54,11 @@ class Capabilities:
     infill: Callable[..., str] | None
     token_embedding: nn.Embedding
     gate_openings: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None
+    no_weight_decay: tuple[str, ...] = ()
+
+    def decays(self, name: str, param: torch.Tensor) -> bool:
+        """Whether weight decay applies to the parameter called `name` (dotted, as named_parameters gives it)."""
+        return param.dim() >= 2 and name.rsplit(".", 1)[-1] not in self.no_weight_decay
 
     @property
     def evaluation(self) -> str:
@@ -95,6 +103,7 @@ def capabilities(model: nn.Module | type) -> Capabilities:
         infill=method("infill"),
         token_embedding=embedding,
         gate_openings=method("gate_openings"),
+        no_weight_decay=tuple(getattr(m, "no_weight_decay", ())),
     )
 
 

@@ -91,6 +91,8 @@ class MambaLM(ScanLM):
     """Embedding -> Mamba blocks -> RMSNorm -> head. State: per layer (conv window, h), both carried
     so that chunked == whole, also for chunks shorter than the convolution."""
 
+    no_weight_decay = ("A_log",)  # S4D-real spread of decay rates; weight decay would pull them together
+
     def __init__(
         self,
         vocab_size: int,
