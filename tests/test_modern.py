@@ -20,11 +20,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from charlm.models.contract import capabilities
 from charlm.models.hawk import HawkLM
+from charlm.models.layers import CausalConv
 from charlm.models.mamba import MambaLM
 from charlm.models.mingru import MinGRULM
 from charlm.models.minlstm import MinLSTMLM
 from charlm.models.rnn import RNNLM
-from charlm.models.scan import CausalConv, g, linear_scan, log_g, log_scan, sequential_scan
+from charlm.models.scan import g, linear_scan, log_g, log_scan, sequential_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 11

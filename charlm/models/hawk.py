@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.scan import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive, linear_scan
+from charlm.models.layers import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive
+from charlm.models.scan import linear_scan
 
 C = 8.0  # the paper's constant: a_t = a^(c r_t)
 
@@ -45,7 +46,7 @@ class RGLRU(nn.Module):
         scale = torch.sqrt((-torch.expm1(2 * log_a)).clamp_min(1e-6))  # (B, T, W)
         b = scale * (i * x)                                   # (B, T, W)
         if probe is not None:
-            probe.append(log_a.exp().mean())
+            probe.append(log_a.exp().mean(-1))  # (B, T)
         if x.shape[1] == 1:  # sampling: one step of the recurrence
             return b if h0 is None else log_a.exp() * h0.unsqueeze(1) + b
         return linear_scan(log_a, b, h0)                      # (B, T, W)

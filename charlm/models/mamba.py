@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.scan import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive, linear_scan
+from charlm.models.layers import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive
+from charlm.models.scan import linear_scan
 
 # The (B, S, E, N) tensors are built and scanned SSM_BLOCK steps at a time, the state carried: on a CPU
 # they then stay in cache (a 256-step block ran 1.8x faster so than whole), and long evaluation chunks
@@ -57,7 +58,7 @@ class SelectiveSSM(nn.Module):
         dt = F.softplus(self.dt_proj(dt))                      # (B, T, E) Δ
         A = -torch.exp(self.A_log)                             # (E, N)
         if probe is not None:
-            probe.append(torch.exp(dt.unsqueeze(-1) * A).mean())
+            probe.append(torch.exp(dt.unsqueeze(-1) * A).mean((-2, -1)))  # (B, T)
         ys = []
         for s in range(0, x.shape[1], SSM_BLOCK):
             dt_s, u_s = dt[:, s : s + SSM_BLOCK], u[:, s : s + SSM_BLOCK]             # (B, S, E)

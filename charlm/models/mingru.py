@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.scan import ScanLM, check_dropout, check_positive, log_g, log_scan
+from charlm.models.layers import ScanLM, check_dropout, check_positive
+from charlm.models.scan import log_g, log_scan
 
 
 class MinLogCell(nn.Module):
@@ -39,7 +40,7 @@ class MinLogCell(nn.Module):
     def forward(self, x: torch.Tensor, log_h0: torch.Tensor | None, probe: list | None):
         log_keep, log_in = self.log_gates(x)                  # (B, T, E) each
         if probe is not None:
-            probe.append(log_keep.exp().mean())
+            probe.append(log_keep.exp().mean(-1))  # (B, T)
         if x.shape[1] == 1:  # sampling: one step of the recurrence, no scan
             log_h = log_in if log_h0 is None else torch.logaddexp(log_keep + log_h0.unsqueeze(1), log_in)
         else:

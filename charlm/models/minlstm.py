@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.models.layers import ScanLM
 from charlm.models.mingru import MinLogCell, min_blocks
-from charlm.models.scan import ScanLM, log_g
+from charlm.models.scan import log_g
 
 
 class MinLSTMCell(MinLogCell):

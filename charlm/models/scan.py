@@ -13,9 +13,8 @@ Two scans compute it:
   gates underflow to their true limit 0, never overflow: the factorised form exp(L_t) * cumsum(exp(-L_k)
   b_k) with L the cumulative log-decay overflows float32 once -L passes 88 (a_t ~ 1e-6 does so in 7 steps).
 
-`sequential_scan` is the plain loop over time they are tested and timed against. The rest are the
-pieces the four models share: the paper's g(x) activation, the short causal convolution whose last
-inputs travel in the state, RMSNorm, and the language-model shell (embedding -> blocks -> norm -> head).
+`sequential_scan` is the plain loop over time they are tested and timed against, and g(x) the paper's
+activation. The layers the four models share live in charlm.models.layers.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 
@@ -187,103 +185,3 @@ def linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
     log_a, b = torch.broadcast_tensors(log_a.to(dtype), b.to(dtype))
     h0 = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(dtype)
     return _LinearScan.apply(log_a.exp().contiguous(), b.contiguous(), h0.contiguous())
-
-
-class CausalConv(nn.Module):
-    """Depthwise convolution over time that sees the current and the width-1 previous inputs.
-
-    Its state is the window of the width-1 inputs before this call (zeros at the start), so a sequence
-    fed in chunks, even of one character, meets the same inputs as whole. Written as a sum of shifted
-    products rather than F.conv1d so that every output is the same arithmetic however the input is cut.
-    """
-
-    def __init__(self, channels: int, width: int):
-        super().__init__()
-        self.width = width
-        self.weight = nn.Parameter(torch.empty(channels, width))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        nn.init.uniform_(self.weight, -1 / math.sqrt(width), 1 / math.sqrt(width))  # as nn.Conv1d, fan_in = width
-
-    def forward(self, x: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, E = x.shape
-        if window is None:
-            window = x.new_zeros(B, self.width - 1, E)
-        xs = torch.cat([window, x], 1)                                # (B, width-1+T, E)
-        y = self.bias.expand(B, T, E)
-        for k in range(self.width):
-            y = y + xs[:, k : k + T] * self.weight[:, k]              # (B, T, E)
-        return y, xs[:, xs.shape[1] - (self.width - 1) :].clone()     # (B, width-1, E)
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dimension (nn.RMSNorm only arrived in torch 2.4)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-class ScanLM(nn.Module):
-    """Embedding -> residual blocks -> final norm -> linear head, the shell of the four models.
-
-    Each block is called as `x, layer_state = block(x, layer_state, probe)` with x (B, T, D) and
-    layer_state a tuple of tensors (None at the start); `probe`, a list or None, collects the block's
-    mean memory-gate opening for `gate_openings`. The model's state is the tuple of layer states,
-    copies rather than views of the (B, T, ...) activations, so a carried or saved state holds only itself.
-    """
-
-    preferred_sampling = "stream"  # recurrent: truncated BPTT with the state carried past the window
-    gpu_precision = "32-true"  # products of gates over hundreds of steps: bf16's 8-bit mantissa blurs a ~ 0.999
-    context_size = None  # the state carries all the past: evaluated as streams
-
-    def _build(self, vocab_size: int, hidden_dim: int, blocks: list[nn.Module], norm: nn.Module,
-               dropout: float, tie_weights: bool) -> None:
-        self.embed = nn.Embedding(vocab_size, hidden_dim)
-        nn.init.normal_(self.embed.weight, std=0.02)  # as GPT-2 and Mamba: tied logits start near uniform
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(blocks)
-        self.norm = norm
-        self.head = nn.Linear(hidden_dim, vocab_size, bias=False)
-        if tie_weights:
-            self.head.weight = self.embed.weight
-
-    def _run(self, idx: torch.Tensor, state, probe: list | None):
-        x = self.drop(self.embed(idx))                                # (B, T, D)
-        states = []
-        for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state[i], probe)  # (B, T, D)
-            states.append(s)
-        return self.head(self.norm(x)), tuple(states)                 # (B, T, V)
-
-    def forward(self, idx: torch.Tensor, state=None):
-        return self._run(idx, state, None)
-
-    @torch.no_grad()
-    def gate_openings(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per layer, the mean opening of the memory gate (1: keep the past, 0: forget it) on idx, as
-        0-d tensors keyed "layer{i}/retain". Runs in eval mode, then puts every module's mode back."""
-        modes = [(m, m.training) for m in self.modules()]
-        probe: list[torch.Tensor] = []
-        try:
-            self.eval()
-            self._run(idx, None, probe)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        return {f"layer{i}/retain": p.float() for i, p in enumerate(probe)}
-
-
-def check_positive(**values) -> None:
-    """Raise ValueError naming `model.KEY=value` for a size that is not positive."""
-    for key, v in values.items():
-        if v <= 0:
-            raise ValueError(f"model.{key}={v}: must be positive")
-
-
-def check_dropout(dropout: float) -> None:
-    if not 0 <= dropout < 1:
-        raise ValueError(f"model.dropout={dropout}: must be in [0, 1)")
