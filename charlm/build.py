@@ -12,6 +12,7 @@ A parameter walks in at most three files: `conf/model/lstm.yaml` (hidden_dim: 25
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.atomic import atomic_path
+from charlm.budget import BudgetClock, apply_tokens, trainer_overrides
 from charlm.callbacks import GateOpenings, GradFlowCallback, StopAt, TrainClock, ValidateAtEnd
 from charlm.checkpoint import read_checkpoint
 from charlm.data import CharDataModule
@@ -29,6 +31,11 @@ from charlm.errors import ConfigError
 from charlm.models.contract import Capabilities, capabilities
 from charlm.module import CharLM
 from charlm.vocab import CharVocab
+
+
+# Lightning 2.6's pytree helper (lightning/pytorch/utilities/_pytree.py) builds torch's LeafSpec, which
+# torch 2.10+ marks deprecated: one line in every run's log that no charlm user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -113,7 +120,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_wandb_id: str | None = 
                 kwargs["id"] = resume_wandb_id  # the resumed run continues the same W&B run
         elif "save_dir" in entry:
             kwargs = {"save_dir": str(run_dir)}
-        loggers.append(instantiate(entry, **kwargs, _convert_="all"))
+        logger = instantiate(entry, **kwargs, _convert_="all")
+        if target.endswith("WandbLogger"):
+            # Lightning's WandbLogger always passes `anonymous` to wandb.init, which W&B answers with "The
+            # anonymous setting has no effect" on every run; the setting is gone, so it is not passed at all
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
@@ -130,7 +142,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dm: CharDataModule, loggers:
         kwargs = {"dirpath": str(run_dir / "checkpoints")} if target.endswith(("ModelCheckpoint", "BestCheckpoint")) \
             else {}
         callbacks.append(instantiate(entry, **kwargs, _convert_="all"))
-    callbacks += [ValidateAtEnd(), TrainClock(), *dm.callbacks()]
+    budget = cfg.get("budget") or {}
+    callbacks += [ValidateAtEnd(), TrainClock(), BudgetClock(budget.get("seconds")), *dm.callbacks()]
     if cfg.get("gates_every"):
         callbacks.append(GateOpenings(every_n_val=int(cfg.gates_every)))
     if cfg.get("gradflow_every"):  # the gradient-flow curve every N validations (W&B plot + RUN_DIR/gradflow/)
@@ -150,17 +163,19 @@ def resolve_precision(trainer_cfg: dict, caps: Capabilities) -> str:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, caps: Capabilities, loggers: list, callbacks: list) -> L.Trainer:
     """A Lightning Trainer as the `trainer` group says, writing into `run_dir`."""
-    trainer_cfg = plain(cfg.trainer)
+    trainer_cfg = plain(cfg.trainer) | trainer_overrides(cfg)  # a seconds budget: Lightning's max_time
     trainer_cfg["precision"] = resolve_precision(trainer_cfg, caps)
     trainer_cfg = {k: v for k, v in trainer_cfg.items() if v is not None or k in ("check_val_every_n_epoch",)}
     if isinstance(trainer_cfg.get("val_check_interval"), int) and trainer_cfg.get("max_steps", 0) > 0:
         trainer_cfg["val_check_interval"] = min(trainer_cfg["val_check_interval"], trainer_cfg["max_steps"])
-    return L.Trainer(
+    trainer = L.Trainer(
         **trainer_cfg,
         logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir), enable_checkpointing=True,
         use_distributed_sampler=False,  # val batches are sharded by rank in CharDataModule (no padded repeats)
     )
+    apply_tokens(trainer, cfg)  # a tokens budget needs the world size: steps set on the built trainer
+    return trainer
 
 
 @dataclass

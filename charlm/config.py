@@ -26,10 +26,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from charlm.errors import ConfigError
 from charlm.schemas import (
+    BudgetConfig,
     PRIMITIVES,
     RULES,
     ClipConfig,
     EvalConfig,
+    ExplainDuringTraining,
     SampleDuringTraining,
     TrainerConfig,
     TrainTop,
@@ -264,5 +266,5 @@ def check_sections(cfg: DictConfig, schemas: dict[str, type], top: type | None, 
 def check_train(cfg: DictConfig) -> None:
     """Every key of a composed train config: types, ranges, choices; one ConfigError on the first bad one."""
     check_sections(cfg, {"trainer": TrainerConfig, "clip": ClipConfig, "sample": SampleDuringTraining,
-                         "eval": EvalConfig}, TrainTop,
+                         "eval": EvalConfig, "budget": BudgetConfig, "explain": ExplainDuringTraining}, TrainTop,
                    targets=("data", "model", "optim", "scheduler"), target_maps=("logger", "callbacks"))

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils._pytree import tree_map
 
+from charlm.budget import BudgetClock
 from charlm.checkpoint import read_checkpoint
 from charlm.errors import DivergenceError
 from charlm.generate import generate
@@ -220,9 +221,22 @@ class CharLM(L.LightningModule):
         optimizer = instantiate(optim, _convert_="all")(groups)
         if not self.hparams.scheduler:
             return optimizer
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
-        scheduler = instantiate(dict(self.hparams.scheduler), _convert_="all")(optimizer, total_steps=total)
+        schedule = instantiate(dict(self.hparams.scheduler), _convert_="all")  # charlm.schedule.ProgressSchedule
+        clock = self._budget_clock()
+        if clock is not None and (moved := clock.resumed_progress()) is not None:
+            schedule.extend(*moved)  # resumed on a longer horizon: decay from where the LR was, never up
+        scheduler = schedule.lambda_lr(optimizer, clock.progress if clock is not None else self._step_progress)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _budget_clock(self):
+        """The run's one clock (charlm.budget.BudgetClock), when the trainer has one."""
+        trainer = self._trainer
+        return next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None) if trainer else None
+
+    def _step_progress(self) -> float:
+        """Progress without a clock (a bare Trainer): step / max_steps."""
+        t = self._trainer
+        return min(1.0, t.global_step / t.max_steps) if t is not None and t.max_steps > 0 else 0.0
 
     # ---- checkpoint -----------------------------------------------------------------------
 

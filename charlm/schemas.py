@@ -22,6 +22,11 @@ class ClipConfig:
 
 
 @dataclass
+class ExplainDuringTraining:
+    n_chars: int = 0                  # > 0: explain.html/png for this many val chars at the end
+
+
+@dataclass
 class SampleDuringTraining:
     prompt: str = "\n"
     n_chars: int = 200
@@ -37,6 +42,15 @@ class EvalConfig:
     max_chars: Optional[int] = None
     window: int = 256
     window_batches: int = 20
+
+
+@dataclass
+class BudgetConfig:
+    """What bounds a run besides trainer.max_steps (charlm.budget)."""
+
+    seconds: Optional[float] = None   # wall seconds of training, validations included (Lightning's Timer)
+    tokens: Optional[int] = None      # training tokens: steps = ceil(tokens / tokens per step)
+    evals: Optional[int] = None       # validations spread over a seconds/tokens budget (null: 6)
 
 
 @dataclass
@@ -155,6 +169,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "clip.value": (_nonneg, ">= 0 (0 disables clipping)"),
     "clip.algorithm": (lambda v: v in ("norm", "value"), "one of norm, value"),
     "sample.n_chars": (_nonneg, ">= 0"),
+    "explain.n_chars": (lambda v: 0 <= v <= 50_000, "in 0..50,000 (0: no page)"),
     "n_chars": (_nonneg, ">= 0"),
     "top_k": (_pos, ">= 1 (or null)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (or null)"),
@@ -193,6 +208,8 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.sampling": (lambda v: v in ("auto", "random", "stream"), "one of auto, random, stream"),
     "data.errors": (lambda v: v in ("strict", "replace"), "one of strict, replace"),
+    "data.max_chars": (_pos, "a positive number of characters (or null: all)"),
+    "data.column": (lambda v: isinstance(v, str) and v != "", "a column name"),
     "optim.lr": (_pos, "> 0"),
     "optim.weight_decay": (_nonneg, ">= 0"),
     "optim.momentum": (_nonneg, ">= 0"),

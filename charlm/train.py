@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,16 +18,18 @@ from omegaconf import DictConfig
 
 from charlm import rundir
 from charlm.atomic import write_json
+from charlm.budget import BudgetClock, budget_record, check_budget, final_lr, tokens_per_step
 from charlm.build import Built, build
 from charlm.callbacks import TrainClock
 from charlm.checkpoint import read_checkpoint
 from charlm.cli import CONF_DIR, hydra_main, in_multirun
 from charlm.config import check_train
 from charlm.errors import ConfigError
+from charlm.explain import explain_run
 from charlm.generate import generate
 from charlm.module import load_charlm
 from charlm.vocab import CharVocab
-from charlm.yardstick import protocol, score, window_loss
+from charlm.yardstick import latch_warning, protocol, score_rows, stream_means, window_loss
 
 
 def pick_trainer(argv: list[str]) -> list[str]:
@@ -60,24 +63,30 @@ def check_sweep_devices(cfg: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Types, ranges and choices of every key (charlm.config), and what needs the whole config."""
     check_train(cfg)
+    check_budget(cfg)
     check_sweep_devices(cfg)
 
 
 def evaluate_best(built: Built, best_path: str, cfg: DictConfig) -> dict:
     """The best checkpoint on the yardstick (exact, whole val split or eval.max_chars) and the
     nanoGPT-style window figure; the model that produced them."""
+    t0 = time.perf_counter()
     best = load_charlm(best_path)
     device = built.module.device
     model = best.model.to(device).eval()
-    total, chars = score(model, built.dm.eval_dataset("val"), device)
+    batches = built.dm.eval_dataset("val")
+    rows, counts = score_rows(model, batches, device)
+    total, chars = float(rows.sum()), int(counts.sum())
     loss = total / max(chars, 1)
     c = built.dm.eval_cfg
     out = {"loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(min(loss, 700.0)),
-           "protocol": protocol(c["context_size"], c["streams"], c["chunk"], c["stride"], chars), "model": best}
+           "protocol": protocol(c["context_size"], c["streams"], c["chunk"], c["stride"], chars), "model": best,
+           "stream_losses": stream_means(batches, rows, counts)}
     if cfg.eval.window_batches:
         window = min(cfg.eval.window, c["context_size"] or cfg.eval.window)
         out["window"] = window_loss(model, built.dm.eval_ids("val"), window, cfg.eval.window_batches,
                                     seed=cfg.seed, device=device)
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -86,7 +95,7 @@ def finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None) -> dict:
+def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None, started: float) -> dict:
     """Evaluate the best checkpoint, sample from it, and gather what results.json holds."""
     trainer, ckpt_cb = built.trainer, built.trainer.checkpoint_callback
     ckpt_dir = run_dir / "checkpoints"
@@ -97,7 +106,9 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
     clock = built.callback(TrainClock)
     seconds = clock.train_seconds if clock else None
     steps_run = trainer.global_step - (resume["global_step"] if resume else 0)
-    tokens = steps_run * cfg.data.batch_size * cfg.data.block_size * trainer.world_size
+    tokens = steps_run * tokens_per_step(cfg.data.batch_size, cfg.data.block_size, trainer.world_size,
+                                         trainer.accumulate_grad_batches)
+    budget_clock = built.callback(BudgetClock)
     prompt = "".join(c for c in str(cfg.sample.prompt).replace("\\n", "\n") if c in ev["model"].vocab.stoi)
     g = torch.Generator().manual_seed(cfg.seed)
     sample = prompt + generate(ev["model"].model.cpu(), ev["model"].vocab, prompt, 300, cfg.sample.temperature,
@@ -111,6 +122,7 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
         "best_val_ppl": finite(ev["ppl"]),
         "best_step": best_step,
         "protocol": ev["protocol"],
+        "stream_losses": ev["stream_losses"],
         "last_val_loss": finite(float(last_val)) if last_val is not None else None,
         "window_val_loss": finite(window.get("loss")),
         "window_val_bpc": finite(window.get("bpc")),
@@ -119,6 +131,11 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
         "last_ckpt": str((ckpt_dir / "last.ckpt").resolve()),
         "steps": trainer.global_step,
         "tokens": tokens,
+        "budget": budget_record(cfg, trainer),
+        "budget_seconds_used": finite(budget_clock.elapsed()) if budget_clock and budget_clock.seconds else None,
+        "final_lr": final_lr(trainer),
+        "startup_seconds": finite(clock.start - started) if clock and clock.start else None,
+        "final_eval_seconds": finite(ev["seconds"]),
         "tokens_per_s": finite(tokens / seconds) if seconds else None,
         "train_seconds": finite(seconds),
         "world_size": trainer.world_size,
@@ -127,7 +144,7 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
         "precision": str(trainer.precision),
         "sampling": built.dm.sampling,
         "sample": sample,
-        # the names of stop 8, kept for scripts that read them (README: results.json)
+        # older names of best_val_loss / best_val_bpc, kept for scripts that read them
         "val_loss": finite(ev["loss"]),
         "val_bpc": finite(ev["bpc"]),
     }
@@ -141,8 +158,17 @@ def report(results: dict, run_dir: Path) -> None:
     if results["window_val_loss"] is not None:
         print(f"nanoGPT-style: {results['window_val_loss']:.4f} nats (random {results['window_protocol']['window']}"
               f"-char windows, empty state)")
+    if warning := latch_warning(results.get("stream_losses")):
+        print(warning)
     tps = results["tokens_per_s"]
     print(f"{results['steps']} steps, {tps:,.0f} train tokens/s" if tps else f"{results['steps']} steps")
+    b = results["budget"]
+    if b["kind"] != "steps":
+        size = f"{b['seconds']:g} s" if b["kind"] == "seconds" else f"{b['tokens']:,} tokens"
+        used = results["budget_seconds_used"]
+        print(f"budget {size}" + (f" ({used:.1f} s used)" if used else "") + f", final lr {results['final_lr']:.3g}; "
+              f"start-up {results['startup_seconds'] or 0:.1f} s and the exact evaluation "
+              f"{results['final_eval_seconds']:.1f} s outside it")
     print(f"results:    {run_dir / 'results.json'}")
     print("sample:\n" + "-" * 40 + "\n" + results["sample"] + "\n" + "-" * 40)
 
@@ -151,6 +177,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, model_name: str | None = N
         extra_callbacks: Sequence = ()) -> dict:
     """Train as `cfg` says; return (and write) the run's results. `extra_callbacks`: more Lightning
     callbacks (charlm.sweep's pruning)."""
+    started = time.perf_counter()  # start-up (config, data, model, trainer) is reported beside the budget
     check_config(cfg)
     run_dir, model_name = rundir.current(run_dir, model_name)
     rundir.check(cfg, run_dir)
@@ -162,13 +189,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None, model_name: str | None = N
           f"{len(dm.splits['train']):,} train / {len(dm.splits['val']):,} val chars -> {run_dir}")
     try:
         built.trainer.fit(built.module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        if built.trainer.global_rank != 0:
+            return {}
+        results = results_of(built, cfg, run_dir, resume, started)
+        write_json(run_dir / "results.json", results)
+        report(results, run_dir)
+        explain_run(cfg, built, results, run_dir)  # explain.n_chars > 0: the page, logged before W&B closes
     finally:
         finish_wandb(built, failed=sys.exc_info()[0] is not None)
-    if built.trainer.global_rank != 0:
-        return {}
-    results = results_of(built, cfg, run_dir, resume)
-    write_json(run_dir / "results.json", results)
-    report(results, run_dir)
     return results
 
 

@@ -122,17 +122,69 @@ def _tree_to(state, device):
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, batches, device: torch.device | str = "cpu") -> tuple[float, int]:
-    """(sum of nats, characters scored) over the yardstick batches, the state carried between them
-    unless `reset`. The model must be in eval mode (the caller's choice)."""
-    total, count, state = 0.0, 0, None
+def score_rows(model: torch.nn.Module, batches, device: torch.device | str = "cpu"):
+    """Per-row sums of nats and counts of scored characters over the yardstick batches, the state carried
+    between them unless `reset`. For `EvalStreams` a row is a stream. The model must be in eval mode."""
+    row_total = row_count = None
+    state = None
     for x, y, reset in batches:
         x, y = x.to(device), y.to(device)
         logits, state = model(x, None if reset else state)                       # (B, T, V)
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                       reduction="sum"))
-        count += int((y != IGNORE).sum())
-    return total, count
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                               reduction="none").view_as(y)                      # (B, T)
+        t, c = nats.double().sum(1).cpu(), (y != IGNORE).sum(1).cpu()           # (B,) each
+        if row_total is None or len(t) != len(row_total):  # (streams keep their rows; for windows only the sum counts)
+            row_total = t if row_total is None else torch.cat([row_total, t])
+            row_count = c if row_count is None else torch.cat([row_count, c])
+        else:
+            row_total, row_count = row_total + t, row_count + c
+    if row_total is None:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return row_total, row_count
+
+
+def score(model: torch.nn.Module, batches, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """(sum of nats, characters scored) over the yardstick batches (see `score_rows`)."""
+    total, count = score_rows(model, batches, device)
+    return float(total.sum()), int(count.sum())
+
+
+def stream_means(batches, row_total: torch.Tensor, row_count: torch.Tensor) -> list[float] | None:
+    """Each stream's mean loss (nats), when the batches are streams; None for sliding windows."""
+    if not isinstance(batches, EvalStreams) or len(row_total) < 2:
+        return None
+    return [float(t / max(int(c), 1)) for t, c in zip(row_total, row_count)]
+
+
+LATCH_README = "README.md#cold-starts-and-latched-streams"
+
+
+def far_streams(means: list[float] | None, z: float = 3.5, rel: float = 0.25) -> list[int]:
+    """Streams whose mean loss is far above the others: robust z-score 0.6745 (x - median) / MAD above `z`
+    (Iglewicz and Hoaglin's rule: median and median absolute deviation, so one outlier cannot hide itself
+    by inflating the spread) and at least `rel` above the median. Only the bad side counts."""
+    if not means or len(means) < 3:
+        return []
+    t = torch.tensor(means, dtype=torch.float64)
+    med = float(t.median())
+    mad = float((t - med).abs().median())
+    out = []
+    for i, m in enumerate(means):
+        robust = 0.6745 * (m - med) / mad if mad > 0 else (math.inf if m > med else 0.0)
+        if robust > z and m > med * (1 + rel):
+            out.append(i)
+    return out
+
+
+def latch_warning(means: list[float] | None) -> str | None:
+    """One line naming the streams that latched into a bad state from their cold start, or None."""
+    bad = far_streams(means)
+    if not bad:
+        return None
+    med = float(torch.tensor(means).median())
+    names = ", ".join(f"stream {i} ({means[i]:.3f} nats)" for i in bad)
+    return (f"warning: {names} far above the other streams' median {med:.3f}: the model latched into a bad "
+            f"state from a cold start (see {LATCH_README})")
 
 
 @torch.no_grad()
