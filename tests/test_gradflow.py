@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from torch import nn
 
 from charlm.callbacks import GradFlowCallback
-from charlm.gradflow import model_config
 from charlm.gradients import gradient_flow, position_grad_norms
 from charlm.models.rnn import RNNLM
+from charlm.studies.gradflow import model_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_NAMES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))

@@ -16,11 +16,11 @@ from conftest import run_cli
 from hydra.utils import instantiate
 from torch import nn
 
-from charlm.gradflow import model_config
 from charlm.models.contract import capabilities
 from charlm.models.transformer import GPT
-from charlm.probe import gradient_vs_forget, lag_accuracy, lstm_forget_gates, probe_rows, span
-from charlm.recall import SYMBOLS, RecallDataModule, Task, lag_cap, recall_vocab
+from charlm.studies.gradflow import model_config
+from charlm.studies.probe import gradient_vs_forget, lag_accuracy, lstm_forget_gates, probe_rows, span
+from charlm.studies.recall import SYMBOLS, RecallDataModule, Task, lag_cap, recall_vocab
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VOCAB = recall_vocab(4, 3)  # symbols A-D, store tokens a-d, fillers ".-,", the cue "?"

@@ -82,6 +82,45 @@ def test_errors_is_a_leaf():
     assert import_graph()["charlm.errors"] == set()
 
 
+# The layers, bottom up. A module imports only from its own layer and those below it; a module named
+# in no list is core. Leaves import no charlm module but leaves; the entry points are `python -m` commands.
+LEAVES = {"charlm.errors", "charlm.atomic", "charlm.rng", "charlm.split", "charlm.schemas", "charlm.schedule",
+          "charlm.yardstick", "charlm.corpora"}
+BUILDER = {"charlm.build", "charlm.train"}
+ENTRY = {"charlm.report", "charlm.gradflow", "charlm.compare", "charlm.sweep", "charlm.sample", "charlm.evaluate",
+         "charlm.explain"}
+LAYERS = ["leaves", "models", "core", "builder", "studies", "entry"]
+
+
+def layer(module: str) -> str:
+    if module in LEAVES:
+        return "leaves"
+    if module == "charlm.models" or module.startswith("charlm.models."):
+        return "models"
+    if module == "charlm.studies" or module.startswith("charlm.studies."):
+        return "studies"
+    return "builder" if module in BUILDER else "entry" if module in ENTRY else "core"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    return [f"{m} ({layer(m)}) imports {d} ({layer(d)})" for m, deps in sorted(graph.items()) for d in sorted(deps)
+            if rank[layer(d)] > rank[layer(m)]]
+
+
+def test_layer_checker_finds_an_upward_import():
+    assert upward_imports({"charlm.data": {"charlm.studies.recall"}, "charlm.studies.recall": set()})
+    assert upward_imports({"charlm.models.rnn": {"charlm.build"}, "charlm.build": set()})
+    assert not upward_imports({"charlm.studies.probe": {"charlm.build", "charlm.errors"}})
+
+
+def test_no_import_runs_back_up_a_layer():
+    graph = import_graph()
+    assert {"charlm.studies.report", "charlm.studies.recall", "charlm.models.layers"} <= set(graph)
+    assert set(LEAVES) <= set(graph), set(LEAVES) - set(graph)
+    assert not upward_imports(graph), upward_imports(graph)
+
+
 def test_modules_stay_small():
     long = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 320}
     assert not long, f"modules over ~300 lines: {long}"

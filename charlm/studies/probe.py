@@ -23,7 +23,7 @@ from torch import nn
 
 from charlm.gradients import position_grad_norms
 from charlm.models.contract import capabilities
-from charlm.recall import CUE, Task
+from charlm.studies.recall import CUE, Task
 
 
 def probe_rows(task: Task, lag: int, n: int, seed: int, prefix: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

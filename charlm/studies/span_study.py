@@ -1,9 +1,9 @@
 """The report's memory-span study: every model trained on `data=recall` (through the builder, as
 `python -m charlm.train model=NAME data=recall ...` would) over several seeds, then probed lag by lag
-(charlm.probe); the same LSTM at several truncated-BPTT lengths; the gate openings logged while
+(charlm.studies.probe); the same LSTM at several truncated-BPTT lengths; the gate openings logged while
 training (the GateOpenings callback) and the lag-gradient curves at the cue of the trained models,
 with the forget-gate claim for a model with an nn.LSTM. Writes memory_span.png/json and gates.png/json;
-charlm.span_report draws the figures and writes REPORT.md's section."""
+charlm.studies.span_report draws the figures and writes REPORT.md's section."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from charlm.callbacks import GateOpenings
 from charlm.cli import CONF_DIR
 from charlm.gradients import position_grad_norms
 from charlm.models.contract import capabilities
-from charlm.probe import gradient_vs_forget, lag_accuracy, span
-from charlm.recall import CUE, RecallAccuracy
-from charlm.span_report import LOW, plot_gates, plot_spans
+from charlm.studies.probe import gradient_vs_forget, lag_accuracy, span
+from charlm.studies.recall import CUE, RecallAccuracy
+from charlm.studies.span_report import LOW, plot_gates, plot_spans
 
 
 def available(models) -> tuple[list[str], list[str]]:
@@ -48,7 +48,7 @@ def _plain(node) -> dict:
 
 def _train(cfg: DictConfig, rp: DictConfig, name: str, seed: int, extra: list[str]):
     """One training run on data=recall and its probe; (record, trained module, data module)."""
-    from charlm.quickfit import fit
+    from charlm.studies.quickfit import fit
 
     t0 = time.perf_counter()
     sizes = {**_plain(rp.model), **_plain((rp.get("model_by_name") or {}).get(name))}

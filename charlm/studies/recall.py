@@ -29,7 +29,7 @@ chunk after chunk with the state carried (truncated BPTT: the gradient stops at 
 `block_size`, the state does not); `sampling=random` serves windows at random offsets of fresh
 streams. Batch k is a pure function of (seed, k) either way (a resumed run replays the streams).
 The val split is a fixed stream with the full lag range, scored by the yardstick; `val/recall_acc`
-is the accuracy at the cue positions. The lag-by-lag probe lives in `charlm.probe`.
+is the accuracy at the cue positions. The lag-by-lag probe lives in `charlm.studies.probe`.
 """
 
 from __future__ import annotations
