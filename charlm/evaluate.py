@@ -22,11 +22,12 @@ from charlm.cli import hydra_main
 from charlm.config import check_sections, check_target_group
 from charlm.data import _torch_ids, encode_corpus
 from charlm.errors import ConfigError, CorpusError
+from charlm.hf import corpus_source
 from charlm.models.contract import capabilities
 from charlm.schemas import EvalConfig
 from charlm.split import split_slice
 from charlm.vocab import CharVocab
-from charlm.yardstick import eval_dataset, protocol, score, window_loss
+from charlm.yardstick import eval_dataset, latch_warning, protocol, score_rows, stream_means, window_loss
 
 
 @dataclass
@@ -51,7 +52,10 @@ def check(cfg: DictConfig) -> None:
 
 def corpus_ids(cfg: DictConfig, vocab: CharVocab) -> tuple[torch.Tensor, int]:
     """The corpus in the model's ids, and how many characters were skipped (unknown=skip)."""
-    corpus_vocab, ids = encode_corpus(cfg.data.path, cfg.data.get("errors", "strict"))
+    path, own_splits = corpus_source(cfg.data)  # data.path, or a Hugging Face dataset's joined text (charlm.hf)
+    corpus_vocab, ids = encode_corpus(path, cfg.data.get("errors", "strict"))
+    if own_splits:  # the dataset's own split, cut before unknown characters are dropped
+        ids = ids[own_splits[cfg.split]]
     table = np.array([vocab.stoi.get(c, -1) for c in corpus_vocab.chars], dtype=np.int64)  # corpus id -> model id
     missing = [c for c, t in zip(corpus_vocab.chars, table) if t < 0]
     mapped = table[np.asarray(ids)]
@@ -73,18 +77,22 @@ def evaluate(cfg: DictConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     ids, skipped = corpus_ids(cfg, vocab)
-    ids = split_of(ids, cfg.split, cfg.data.val_fraction, cfg.data.get("test_fraction", 0.0))
+    if not cfg.data.get("hf_splits"):  # else corpus_ids took the dataset's own split
+        ids = split_of(ids, cfg.split, cfg.data.val_fraction, cfg.data.get("test_fraction", 0.0))
     if cfg.eval.max_chars:
         ids = ids[: cfg.eval.max_chars]
     if len(ids) < 2:
         raise CorpusError(f"split={cfg.split}: {len(ids)} characters, nothing to score")
     e = cfg.eval
     context = capabilities(model).context_size
-    total, chars = score(model, eval_dataset(ids, context, e.streams, e.chunk, e.stride, e.batch_size), device)
+    batches = eval_dataset(ids, context, e.streams, e.chunk, e.stride, e.batch_size)
+    rows, counts = score_rows(model, batches, device)
+    total, chars = float(rows.sum()), int(counts.sum())
     loss = total / chars
     out = {"checkpoint": str(cfg.ckpt_path), "model": hp.get("model_name"), "split": cfg.split,
            "loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(min(loss, 700.0)), "chars_scored": chars,
-           "skipped_chars": skipped, "protocol": protocol(context, e.streams, e.chunk, e.stride, chars)}
+           "skipped_chars": skipped, "protocol": protocol(context, e.streams, e.chunk, e.stride, chars),
+           "stream_losses": stream_means(batches, rows, counts)}
     if e.window_batches:
         w = window_loss(model, ids, min(e.window, context or e.window), e.window_batches, seed=cfg.seed,
                         device=device)
@@ -100,6 +108,8 @@ def _job(cfg: DictConfig) -> None:
                                                       if out["skipped_chars"] else ""))
     if "window_loss" in out:
         print(f"nanoGPT-style: {out['window_loss']:.4f} nats (random {out['window']}-char windows, empty state)")
+    if warning := latch_warning(out["stream_losses"]):
+        print(warning)
     if cfg.json:
         write_json(cfg.json, out)
         print(f"wrote {cfg.json}")
