@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install train sample test test-all bench gpu-check report sweep compare lint clean
+.PHONY: install train sample test test-all bench gpu-check report sweep compare record lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ sweep: $(STAMP)            ## Optuna search: make sweep ARGS="hparams_search=lst
 COMPARE_BUDGET ?= budget.seconds=40
 compare: $(STAMP)          ## every model family for the same 40 s each, ~10 min on 2 CPU cores (make compare ARGS="models=[rnn,lstm] seeds=[1,2]", COMPARE_BUDGET=budget.tokens=2000000)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m charlm.compare $(COMPARE_BUDGET) $(ARGS)
+
+record: $(STAMP)           ## every published figure, one process at a time, into results/MACHINE/DATE/ (~1 h on 2 CPU cores; PARTS=calibration,train,budgets,compare,report,bench FORCE=1 RECORD_PRESET=tiny)
+	PARTS=$(PARTS) FORCE=$(FORCE) RECORD_PRESET=$(RECORD_PRESET) $(PY) scripts/record.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check charlm tests scripts
