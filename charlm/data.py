@@ -105,11 +105,16 @@ class CharDataModule(L.LightningDataModule):
         self.vocab = vocab
         self.splits: dict[str, torch.Tensor] = {}
 
+    def read_corpus(self, path: str | None = None) -> tuple[CharVocab, torch.Tensor, dict[str, slice] | None]:
+        """The vocabulary and ids of the corpus at `path` (default data.path), and where each split lies when
+        the corpus brings its own splits (None: charlm's cut). charlm.hf reads a Hugging Face dataset here."""
+        return (*encode_corpus(path or self.path, self.errors), None)
+
     def prepare(self) -> None:
         """Read, encode and split the corpus (idempotent; also called by `setup`)."""
         if self.splits:
             return
-        corpus_vocab, ids = encode_corpus(self.path, self.errors)
+        corpus_vocab, ids, own_splits = self.read_corpus()
         if self.vocab is None:
             self.vocab = corpus_vocab
         elif self.vocab != corpus_vocab:  # e.g. resuming on another corpus: map into the checkpoint's ids
@@ -120,7 +125,8 @@ class CharDataModule(L.LightningDataModule):
             mapping = np.array([self.vocab.stoi[c] for c in corpus_vocab.chars], dtype=np.int32)
             ids = _torch_ids(mapping[np.asarray(ids)].astype(self.vocab.id_dtype))
         n = len(ids)
-        self.splits = {s: ids[split_slice(n, s, self.val_fraction, self.test_fraction)] for s in SPLITS}
+        self.splits = {s: ids[own_splits[s] if own_splits else split_slice(n, s, self.val_fraction, self.test_fraction)]
+                       for s in SPLITS}
         n_test = len(self.splits["test"])
         where = self.path or self.name
         for split in ("train", "val") + (("test",) if n_test else ()):
