@@ -1,0 +1,152 @@
+"""The context a model uses (charlm.studies.context): hand-made models whose context is known exactly."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from charlm.studies.context import GRID, context_use, sample_positions
+
+GRID_SMALL = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32]
+
+
+class CurrentCharOnly(nn.Module):
+    """Reads the current character alone: an embedding straight to the head (no state)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, 8)
+        self.head = nn.Linear(8, vocab_size)
+
+    def forward(self, idx, state=None):
+        return self.head(self.embed(idx)), None  # (B, T, V)
+
+
+class TenBack(nn.Module):
+    """Predicts ids[t+1] = ids[t-9] with near certainty; its state is the last 10 ids (-1: not read yet).
+    With fewer than 10 characters read it has nothing to copy and predicts uniformly."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, 1)  # unused: the contract's token embedding
+
+    def forward(self, idx, state=None):
+        B, T = idx.shape
+        past = torch.full((B, 10), -1, dtype=torch.long) if state is None else state
+        seq = torch.cat([past, idx], 1)                       # (B, 10 + T)
+        back = seq[:, 1 : T + 1]                              # (B, T): ids[t-9], -1 if not read
+        logits = 50.0 * F.one_hot(back.clamp(min=0), self.vocab_size).float()  # (B, T, V)
+        logits = logits * (back >= 0)[..., None]
+        return logits, seq[:, -10:]
+
+
+class Recorder(nn.Module):
+    """Wraps a model and records every forward call's input."""
+
+    def __init__(self, inner: nn.Module, context_size=None):
+        super().__init__()
+        self.inner = inner
+        self.calls: list[torch.Tensor] = []
+        if context_size is not None:
+            self.context_size = context_size
+
+    def forward(self, idx, state=None):
+        self.calls.append(idx.clone())
+        return self.inner(idx, state)
+
+
+def periodic(n: int, period: int = 10, vocab: int = 7, seed: int = 0) -> torch.Tensor:
+    pattern = torch.randint(0, vocab, (period,), generator=torch.Generator().manual_seed(seed))
+    return pattern.repeat(n // period + 1)[:n]
+
+
+def test_current_char_only_is_flat_with_effective_context_1():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (900,), generator=torch.Generator().manual_seed(1))
+    r = context_use(CurrentCharOnly(11), ids, n_positions=200, grid=GRID_SMALL, min_offset=40)
+    losses = list(r["context_use"].values())
+    assert len(losses) == len(GRID_SMALL)
+    for v in losses:
+        assert v == pytest.approx(losses[0], rel=1e-6)
+    assert r["full_context_loss"] == pytest.approx(losses[0], rel=1e-6)
+    assert r["effective_context"] == 1 and not r["above_grid"]
+
+
+def test_ten_back_model_needs_11_on_the_grid():
+    V = 7
+    ids = periodic(1200, 10, V)
+    r = context_use(TenBack(V), ids, n_positions=300, grid=GRID_SMALL, min_offset=40)
+    curve = r["context_use"]
+    for k in (1, 2, 3, 4, 6, 8):  # ids[p-9] not read: uniform over V
+        assert curve[k] == pytest.approx(math.log(V), rel=1e-5)
+    for k in (11, 16, 23, 32):  # read: near-certain
+        assert curve[k] < 1e-6
+    assert r["full_context_loss"] < 1e-6
+    assert r["effective_context"] == 11
+    exact = context_use(TenBack(V), ids, n_positions=300, grid=[9, 10], min_offset=40)["context_use"]
+    assert exact[9] == pytest.approx(math.log(V), rel=1e-5) and exact[10] < 1e-6  # k counts the characters read
+
+
+def test_above_grid_is_flagged():
+    ids = periodic(1200, 10, 7)
+    r = context_use(TenBack(7), ids, n_positions=100, grid=[1, 2, 4, 8], min_offset=40)
+    assert r["effective_context"] == 8 and r["above_grid"]
+
+
+def test_full_context_equals_a_plain_one_stream_loop():
+    """The reference is the yardstick's one-stream pass; recomputed here one character at a time."""
+    torch.manual_seed(0)
+    from charlm.models.rnn import RNNLM
+
+    model = RNNLM(vocab_size=9, cell="lstm", embed_dim=6, hidden_dim=12, num_layers=1, dropout=0.0,
+                  forget_bias=1.0, tie_weights=False).eval()
+    ids = torch.randint(0, 9, (200,), generator=torch.Generator().manual_seed(2))
+    r = context_use(model, ids, n_positions=80, seed=3, grid=[1, 4, 16], min_offset=20)
+    losses, state = [], None
+    with torch.no_grad():
+        for t in range(len(ids) - 1):
+            logits, state = model(ids[t : t + 1][None], state)  # (1, 1, V), state carried from ids[0]
+            losses.append(float(F.cross_entropy(logits[0], ids[t + 1 : t + 2])))
+    positions = sample_positions(len(ids), 80, 3, 20)
+    expected = sum(losses[p] for p in positions.tolist()) / len(positions)
+    assert r["full_context_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_same_positions_at_every_k_and_batched():
+    """ids[i] = i, so each window names its own position: every k scores the same sampled positions,
+    reading exactly ids[p-k+1 .. p], in a few forward calls."""
+    n, P, bs, grid = 1500, 300, 128, [1, 3, 8, 23]
+    ids = torch.arange(n)
+    model = Recorder(CurrentCharOnly(n))
+    r = context_use(model, ids, n_positions=P, grid=grid, min_offset=100, batch_size=bs)
+    assert r["positions"] == P
+    windows = [c for c in model.calls if c.shape[0] > 1]  # the full-context pass is one stream (one row)
+    assert len(windows) == len(grid) * math.ceil(P / bs)  # 3 calls per k
+    expected = sample_positions(n, P, 0, 100)
+    for k in grid:
+        rows = torch.cat([c for c in windows if c.shape[1] == k])
+        assert len(rows) == P
+        assert torch.equal(rows[:, -1], expected)                              # the same positions
+        assert torch.equal(rows, expected[:, None] + torch.arange(-k + 1, 1))  # exactly the last k characters
+    assert len(set(expected.tolist())) == P and int(expected.min()) >= 100
+
+
+def test_windowed_model_reads_at_most_its_window():
+    n, grid = 600, [1, 4, 16, 32]
+    model = Recorder(CurrentCharOnly(n), context_size=8)
+    r = context_use(model, torch.arange(n), n_positions=50, grid=grid, min_offset=40)
+    lengths = {c.shape[1] for c in model.calls if c.shape[0] == 50}
+    assert lengths == {1, 4, 8}  # k=16 and k=32 read the same 8 characters, measured once
+    assert r["context_use"][16] == r["context_use"][32]
+
+
+def test_default_grid_and_short_split():
+    assert GRID[0] == 1 and GRID[-1] == 1024 and len(GRID) == 20
+    assert all(1.3 < b / a < 1.6 for a, b in zip(GRID[4:], GRID[5:]))  # about sqrt(2) apart
+    from charlm.errors import CorpusError
+
+    with pytest.raises(CorpusError, match="needs at least 3,025"):
+        context_use(CurrentCharOnly(5), torch.zeros(3000, dtype=torch.long))
