@@ -16,6 +16,9 @@ auxiliary losses       method `aux_losses(idx, targets)`      none: {} (added to
 infill                 method `infill(vocab, text, ...)`      none: sampling refuses `infill=`
 token embedding        method `token_embedding()`             the model's first nn.Embedding
 gate openings          method `gate_openings(idx)`            none: {} (no `gates/...` metrics)
+gate trace             method `gate_trace(idx, state=None)`   no gates: ({}, the state `model(idx, state)`
+                       -> ({layer: (B, T) opening}, state),   gives); per-position memory-gate openings with
+                       the state carried like forward's       the state carried (`charlm.explain`)
 parameters not decayed class attr `no_weight_decay`         (): weight decay goes to every parameter with
                        (parameter names, matched as the       dim >= 2; a name listed here (e.g. Mamba's
                        last part of the dotted name)          `A_log`) never decays, whatever its shape
@@ -55,6 +58,7 @@ class Capabilities:
     token_embedding: nn.Embedding
     gate_openings: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None
     no_weight_decay: tuple[str, ...] = ()
+    gate_trace: Callable[..., tuple[dict[str, torch.Tensor], Any]] | None = None
 
     def decays(self, name: str, param: torch.Tensor) -> bool:
         """Whether weight decay applies to the parameter called `name` (dotted, as named_parameters gives it)."""
@@ -76,6 +80,16 @@ def _first_embedding(model: nn.Module) -> nn.Embedding:
         if isinstance(m, nn.Embedding):
             return m
     raise TypeError(f"{type(model).__name__} has no nn.Embedding; define token_embedding() to name one")
+
+
+def _no_gate_trace(model: nn.Module) -> Callable[..., tuple[dict[str, torch.Tensor], Any]]:
+    """The default gate trace: no gates, and the state the forward pass carries."""
+
+    @torch.no_grad()
+    def trace(idx: torch.Tensor, state: Any = None) -> tuple[dict[str, torch.Tensor], Any]:
+        return {}, model(idx, state)[1]
+
+    return trace
 
 
 def capabilities(model: nn.Module | type) -> Capabilities:
@@ -104,6 +118,7 @@ def capabilities(model: nn.Module | type) -> Capabilities:
         token_embedding=embedding,
         gate_openings=method("gate_openings"),
         no_weight_decay=tuple(getattr(m, "no_weight_decay", ())),
+        gate_trace=None if is_class else (method("gate_trace") or _no_gate_trace(m)),
     )
 
 

@@ -18,6 +18,21 @@ from torch import nn
 TORCH_RNNS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
+def torch_stack(cell: str, embed_dim: int, hidden_dim: int, num_layers: int, dropout: float,
+                **kwargs) -> Callable[[], nn.Module]:
+    """A maker of `cell`'s cuDNN stack (batch first, dropout between layers only), for RecurrentLM.
+
+    Raises ValueError naming model.cell for a cell that is not in TORCH_RNNS."""
+    if cell not in TORCH_RNNS:
+        raise ValueError(f"model.cell={cell!r}: must be one of {sorted(TORCH_RNNS)}")
+
+    def make() -> nn.Module:
+        return TORCH_RNNS[cell](embed_dim, hidden_dim, num_layers, batch_first=True,
+                                dropout=dropout if num_layers > 1 else 0.0, **kwargs)
+
+    return make
+
+
 def layer_weights(stack: nn.Module) -> list[tuple[torch.Tensor, ...]]:
     """(weight_ih, weight_hh, bias_ih, bias_hh) per layer, for a cuDNN stack or a CellStack
     (bias_hh is None where a cell has none). Both use PyTorch's gate layout."""
@@ -27,18 +42,32 @@ def layer_weights(stack: nn.Module) -> list[tuple[torch.Tensor, ...]]:
             for k in range(stack.num_layers)]
 
 
+def _layer_states(cell: str, stack: nn.Module, state) -> list:
+    """(h, c) per layer, each (B, H) or None, from a stack's state (cuDNN: h or (h, c), each (L, B, H);
+    CellStack: one h or (h, c) per layer)."""
+    n = len(layer_weights(stack))
+    if state is None:
+        return [(None, None)] * n
+    if hasattr(stack, "layers"):
+        return [s if isinstance(s, tuple) else (s, None) for s in state]
+    h, c = state if cell == "lstm" else (state, None)
+    return [(h[k], None if c is None else c[k]) for k in range(n)]
+
+
 @torch.no_grad()
-def retain_gates(cell: str, stack: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean opening of each layer's memory gate over x (B, T, E), recomputed step by step from the
-    weights: how much of the previous memory a step keeps. lstm: forget gate f; gru: update gate z
-    (h = (1-z) n + z h_prev); gru_tanh_out: 1 - z (on c); gru_single_gate: 1 - g. {} for rnn."""
+def retain_trace(cell: str, stack: nn.Module, x: torch.Tensor, state=None) -> dict[str, torch.Tensor]:
+    """Opening of each layer's memory gate at every position of x (B, T, E), averaged over units and
+    recomputed step by step from the weights, starting from the stack's `state`: how much of the
+    previous memory a step keeps. lstm: forget gate f; gru: update gate z (h = (1-z) n + z h_prev);
+    gru_tanh_out: 1 - z (on c); gru_single_gate: 1 - g. Values (B, T); {} for rnn."""
     if cell == "rnn":
         return {}
     out = {}
-    for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layer_weights(stack)):
+    for k, ((w_ih, w_hh, b_ih, b_hh), (h0, c0)) in enumerate(zip(layer_weights(stack),
+                                                                  _layer_states(cell, stack, state))):
         H = w_hh.shape[1]
-        h = x.new_zeros(x.shape[0], H)
-        c = h.clone()
+        h = x.new_zeros(x.shape[0], H) if h0 is None else h0
+        c = h.clone() if c0 is None else c0
         xp = F.linear(x, w_ih, b_ih)                                          # (B, T, G*H)
         keep, hs = [], []
         for t in range(x.shape[1]):
@@ -47,30 +76,35 @@ def retain_gates(cell: str, stack: nn.Module, x: torch.Tensor) -> dict[str, torc
                 f = torch.sigmoid(f)
                 c = f * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
-                keep.append(f.mean())
+                keep.append(f.mean(-1))
             elif cell == "gru":
                 xr, xz, xn = xp[:, t].chunk(3, -1)
                 hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, -1)
                 z = torch.sigmoid(xz + hz)
                 n = torch.tanh(xn + torch.sigmoid(xr + hr) * hn)
                 h = n + z * (h - n)
-                keep.append(z.mean())
+                keep.append(z.mean(-1))
             elif cell == "gru_tanh_out":
                 xr, xz, xc = xp[:, t].chunk(3, -1)
                 hr, hz = F.linear(h, w_hh[: 2 * H]).chunk(2, -1)
                 r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
                 c = c + z * (xc + F.linear(r * h, w_hh[2 * H :]) - c)
                 h = torch.tanh(c)
-                keep.append((1 - z).mean())
+                keep.append((1 - z).mean(-1))
             else:  # gru_single_gate
                 xg, xn = xp[:, t].chunk(2, -1)
                 g = torch.sigmoid(xg + F.linear(h, w_hh[:H]))
                 h = h + g * (torch.tanh(xn + F.linear(g * h, w_hh[H:])) - h)
-                keep.append((1 - g).mean())
+                keep.append((1 - g).mean(-1))
             hs.append(h)
         x = torch.stack(hs, 1)                                                # (B, T, H): next layer's input
-        out[f"layer{k}/{'forget' if cell == 'lstm' else 'retain'}"] = torch.stack(keep).mean()
+        out[f"layer{k}/{'forget' if cell == 'lstm' else 'retain'}"] = torch.stack(keep, 1)  # (B, T)
     return out
+
+
+def retain_gates(cell: str, stack: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean opening of each layer's memory gate over x (B, T, E), from an empty state (`retain_trace`)."""
+    return {k: v.mean() for k, v in retain_trace(cell, stack, x).items()}
 
 
 def init_forget_bias(stack: nn.Module, value: float) -> None:
@@ -117,6 +151,11 @@ class RecurrentLM(nn.Module):
         """The contract's hook: mean memory-gate opening per layer on idx (see `retain_gates`)."""
         return retain_gates(self.cell, self.rnn, self.embed(idx))
 
+    @torch.no_grad()
+    def gate_trace(self, idx: torch.Tensor, state=None):
+        """The contract's per-position hook: ({layer: (B, T) mean opening}, the state forward carries)."""
+        return retain_trace(self.cell, self.rnn, self.embed(idx), state), self(idx, state)[1]
+
 
 class RNNLM(RecurrentLM):
     """The shell on cuDNN kernels: nn.RNN (tanh or relu), nn.LSTM or nn.GRU."""
@@ -133,11 +172,6 @@ class RNNLM(RecurrentLM):
         forget_bias: float = 1.0,
         tie_weights: bool = False,
     ):
-        if cell not in TORCH_RNNS:
-            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(TORCH_RNNS)}")
         kwargs = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
-        def stack():
-            return TORCH_RNNS[cell](embed_dim, hidden_dim, num_layers, batch_first=True,
-                                    dropout=dropout if num_layers > 1 else 0.0, **kwargs)
-
+        stack = torch_stack(cell, embed_dim, hidden_dim, num_layers, dropout, **kwargs)
         super().__init__(vocab_size, cell, stack, embed_dim, hidden_dim, dropout, forget_bias, tie_weights)
