@@ -10,35 +10,27 @@ The small public API, for notebooks:
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.2.0"
 
 __all__ = ["CharLM", "CharVocab", "__version__", "capabilities", "generate", "load", "load_model"]
 
 
+# The public names, imported on first use so that `import charlm` stays fast (sampling needs no Lightning).
+_LAZY = {
+    "CharLM": ("charlm.module", "CharLM"),
+    "load": ("charlm.module", "load_charlm"),
+    "load_model": ("charlm.checkpoint", "load_model"),
+    "generate": ("charlm.generate", "generate"),
+    "CharVocab": ("charlm.vocab", "CharVocab"),
+    "capabilities": ("charlm.models.contract", "capabilities"),
+}
+
+
 def __getattr__(name: str):
-    """Import on first use: `import charlm` stays fast (sampling needs no Lightning)."""
-    if name == "CharLM":
-        from charlm.module import CharLM
-
-        return CharLM
-    if name == "load":
-        from charlm.module import load_charlm
-
-        return load_charlm
-    if name == "load_model":
-        from charlm.checkpoint import load_model
-
-        return load_model
-    if name == "generate":
-        from charlm.generate import generate
-
-        return generate
-    if name == "CharVocab":
-        from charlm.vocab import CharVocab
-
-        return CharVocab
-    if name == "capabilities":
-        from charlm.models.contract import capabilities
-
-        return capabilities
-    raise AttributeError(f"module 'charlm' has no attribute {name!r}")
+    """Import a public name on first use (see _LAZY)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'charlm' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)

@@ -88,59 +88,65 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-class GateOpenings(L.Callback):
+class EveryNVal(L.Callback):
+    """The base of callbacks that measure at every `every_n_val`-th validation on a fixed batch: the
+    first `n_rows` rows of the first val batch, taken once and kept."""
+
+    def __init__(self, every_n_val: int = 1, n_rows: int = 16):
+        self.every_n_val, self.n_rows = max(1, int(every_n_val)), n_rows
+        self._seen = 0
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _due(self) -> bool:
+        """Count this validation; True on the 1st, (1 + every_n_val)-th, ... ones."""
+        self._seen += 1
+        return (self._seen - 1) % self.every_n_val == 0
+
+    def _val_rows(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the fixed batch, (n_rows, T) each, on the CPU."""
+        if self._rows is None:
+            loader = trainer.val_dataloaders
+            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+            x, y, *_ = next(iter(loader))
+            self._rows = (x[: self.n_rows].clone(), y[: self.n_rows].clone())  # (n, T) each
+        return self._rows
+
+
+class GateOpenings(EveryNVal):
     """At every `every_n_val`-th validation, log the model's memory-gate openings (`gates/...`, each in
     [0, 1]) on the first rows of the first val batch, through the contract's `gate_openings` hook.
     Models that do not declare the hook log nothing."""
 
     def __init__(self, every_n_val: int = 1, n_rows: int = 16):
-        self.every_n_val, self.n_rows = max(1, every_n_val), n_rows
-        self._seen = 0
-        self._idx = None
+        super().__init__(every_n_val, n_rows)
         self.history: list[dict] = []  # [{"step": s, name: value, ...}]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         hook = capabilities(pl_module.model).gate_openings
-        if hook is None or trainer.sanity_checking:
+        if hook is None or trainer.sanity_checking or not self._due():
             return
-        self._seen += 1
-        if (self._seen - 1) % self.every_n_val:
-            return
-        if self._idx is None:
-            loader = trainer.val_dataloaders
-            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-            self._idx = next(iter(loader))[0][: self.n_rows].clone()  # (n, T)
+        idx = self._val_rows(trainer)[0]  # (n, T)
         with torch.inference_mode(False), torch.no_grad():
-            gates = {k: float(v) for k, v in hook(self._idx.to(pl_module.device)).items()}
+            gates = {k: float(v) for k, v in hook(idx.to(pl_module.device)).items()}
         self.history.append({"step": trainer.global_step, **gates})
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
                 logger.log_metrics({f"gates/{k}": v for k, v in gates.items()}, step=trainer.global_step)
 
 
-class GradFlowCallback(L.Callback):
+class GradFlowCallback(EveryNVal):
     """Every `every_n_val` validations, measure the gradient flow on a fixed val batch (the first
     `n_rows` rows of the first val batch), log the curve to W&B (if a WandbLogger is attached) and
     write RUN_DIR/gradflow/step_XXXXXX.json."""
 
     def __init__(self, every_n_val: int = 1, n_rows: int = 16):
-        self.every_n_val, self.n_rows = max(1, int(every_n_val)), n_rows
-        self._batch = None
-        self._seen = 0
+        super().__init__(every_n_val, n_rows)
         self.curves: dict[int, list[float]] = {}  # step -> curve
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.global_rank != 0:
+        if trainer.sanity_checking or trainer.global_rank != 0 or not self._due():
             return
-        self._seen += 1
-        if (self._seen - 1) % self.every_n_val:
-            return
-        if self._batch is None:
-            loader = trainer.val_dataloaders
-            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-            x, y, *_ = next(iter(loader))
-            self._batch = (x[: self.n_rows].clone(), y[: self.n_rows].clone())  # (n, T) each
-        x, y = (b.to(pl_module.device) for b in self._batch)
+        x, y = (b.to(pl_module.device) for b in self._val_rows(trainer))
         step = trainer.global_step
         curve = gradient_flow(pl_module.model, x, y)
         self.curves[step] = curve

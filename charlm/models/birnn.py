@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm.errors import SampleArgError
-from charlm.models.rnn import TORCH_RNNS, RecurrentLM, init_forget_bias
+from charlm.models.rnn import RecurrentLM, init_forget_bias, torch_stack
 
 
 class BiRNNLM(RecurrentLM):
@@ -33,12 +33,7 @@ class BiRNNLM(RecurrentLM):
         dropout: float = 0.0,
         forget_bias: float = 0.0,
     ):
-        if cell not in TORCH_RNNS:
-            raise ValueError(f"model.cell={cell!r}: must be one of {sorted(TORCH_RNNS)}")
-        drop_between = dropout if num_layers > 1 else 0.0
-        def stack():
-            return TORCH_RNNS[cell](embed_dim, hidden_dim, num_layers, batch_first=True, dropout=drop_between)
-
+        stack = torch_stack(cell, embed_dim, hidden_dim, num_layers, dropout)
         super().__init__(vocab_size, cell, stack, embed_dim, hidden_dim, dropout, forget_bias, tie_weights=False)
         self.bwd = stack()
         if cell == "lstm" and forget_bias:
