@@ -11,17 +11,16 @@ encode a large corpus. Each training side runs in a fresh process. Writes OUT/re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from datetime import date
 from pathlib import Path
 
@@ -29,8 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CORPUS = ROOT / "charlm" / "corpora" / "tinyshakespeare.txt"
-CUDA = torch.cuda.is_available()
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_child import BETAS, CLIP, CORPUS, CUDA, LR, SYNC_PROBE, sync  # noqa: E402  (the children's settings)
+
 PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     # conf/model/*.yaml as they are: what `make train` / `make compare` run on a CPU
     "cpu": {"data": {"block_size": 64, "batch_size": 32}, "steps": 200, "recipes": None, "sizes": {}},
@@ -41,210 +41,11 @@ PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     "tiny": {"data": {"block_size": 16, "batch_size": 8}, "steps": 6, "recipes": None,
              "sizes": {"embed_dim": 16, "hidden_dim": 32, "num_layers": 1, "n_embd": 32, "n_layer": 1, "n_head": 2}},
 }
-LR, BETAS, CLIP = 2e-3, (0.9, 0.999), 1.0  # both sides: AdamW(lr, betas, weight_decay=0), clip norm 1.0, no schedule
 SHARED = ["~scheduler", f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]", "optim.weight_decay=0.0",
           "clip.algorithm=norm", f"clip.value={CLIP}"]
 QUIET = ["logger=none", "eval.max_chars=2048", "eval.window_batches=0", "sample.n_chars=0"]  # validation negligible
 MODES = ("random", "stream")
 FIRST = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "hawk", "mamba"]  # then the others, by name
-SYNC_PROBE = 10  # CUDA only: steps after the timed window run under torch's sync debug mode, counting host syncs
-
-
-# ---- measurements, in the child processes ---------------------------------------------------
-
-def rss_mb() -> float:
-    """Current resident set size (Linux), else nan."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def memory(rss0: float, cuda: bool = CUDA) -> dict:
-    """Peak RSS of this process so far, its growth since `rss0`, and the CUDA peak when there is one."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-    return {"peak_rss_mb": peak, "rss_growth_mb": peak - rss0,
-            **({"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {})}
-
-
-def sync() -> None:
-    if CUDA and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-class Window:
-    """Times steps warmup+1..steps (synced at both ends); on CUDA then counts host syncs over SYNC_PROBE steps."""
-
-    def __init__(self, spec: dict):
-        self.warmup, self.steps, self.done, self.result, self.rss0 = spec["warmup"], spec["steps"], 0, {}, rss_mb()
-        self.tokens = (spec["steps"] - spec["warmup"]) * spec["batch_size"] * spec["block_size"]
-
-    def step_done(self) -> None:
-        self.done += 1
-        if self.done == self.warmup:
-            sync()
-            self.t0 = time.perf_counter()
-        elif self.done == self.steps:
-            sync()
-            seconds = time.perf_counter() - self.t0
-            self.result = {"tokens_per_s": self.tokens / seconds, "seconds": seconds, **memory(self.rss0)}
-            if CUDA:
-                self._catch = warnings.catch_warnings(record=True)
-                self._seen = self._catch.__enter__()
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-        elif CUDA and self.done == self.steps + SYNC_PROBE:
-            torch.cuda.set_sync_debug_mode(0)
-            self._catch.__exit__(None, None, None)
-            syncs = [w for w in self._seen if "synchroniz" in str(w.message)]
-            self.result["host_syncs_per_step"] = len(syncs) / SYNC_PROBE
-            self.result["host_sync_sites"] = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
-
-
-def child_charlm(spec: dict) -> dict:
-    """`charlm.train.run` on the composed config (what `python -m charlm.train OVERRIDES` runs), with one
-    more Lightning callback: the window opens at on_train_start (data and model built, as in the bare
-    loop) and counts steps at on_train_batch_end."""
-    import lightning as L
-
-    from charlm.cli import compose
-    from charlm.train import run
-
-    class WindowCallback(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.window = Window(spec)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.window.step_done()
-
-    clock = WindowCallback()
-    results = run(compose("train", spec["overrides"]), Path(spec["run_dir"]), spec["name"], extra_callbacks=[clock])
-    return {"params": results["params"], "precision": results["precision"], "sampling": results["sampling"],
-            **clock.window.result}
-
-
-def detach(state):
-    """The carried state cut from the graph (truncated BPTT): tensors, or tuples/lists/dicts of them."""
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, (list, tuple)):
-        return type(state)(detach(s) for s in state)
-    if isinstance(state, dict):
-        return {k: detach(v) for k, v in state.items()}
-    return state
-
-
-def child_bare(spec: dict) -> dict:
-    """What a user writes by hand (../shared/bench/bare_rnn.py): ids on the device, random windows or B
-    contiguous streams with the state carried and detached, AdamW, clip; no framework."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    from charlm.models.contract import build_model, capabilities
-
-    torch.manual_seed(0)
-    torch.set_float32_matmul_precision("high")  # as charlm.build does
-    torch.backends.cudnn.benchmark = True  # as trainer=gpu does
-    dev = "cuda" if CUDA else "cpu"
-    text = CORPUS.read_text()
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
-    train = data[: int(0.9 * len(data))].to(dev)
-    cfg, B, T = spec["model"], spec["batch_size"], spec["block_size"]
-
-    class Bare(nn.Module):  # embedding -> nn.LSTM/GRU/RNN -> dropout -> linear
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(len(chars), cfg["embed_dim"])
-            R = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg["cell"]]
-            kw = {"nonlinearity": cfg.get("nonlinearity", "tanh")} if cfg["cell"] == "rnn" else {}
-            layers, p = cfg["num_layers"], cfg["dropout"]
-            self.rnn = R(cfg["embed_dim"], cfg["hidden_dim"], layers, batch_first=True,
-                         dropout=p if layers > 1 else 0.0, **kw)
-            self.drop, self.head = nn.Dropout(p), nn.Linear(cfg["hidden_dim"], len(chars))
-
-        def forward(self, x, state=None):
-            h, state = self.rnn(self.emb(x), state)  # (B, T, H)
-            return self.head(self.drop(h)), state  # (B, T, V)
-
-    # RNNLM families (untied) get the hand-written module; others (GPT, Python cells, birnn, the scan
-    # models) charlm's own nn.Module, so the difference is the framework around the model, not the model
-    hand_written = cfg["_target_"] == "charlm.models.rnn.RNNLM" and not cfg.get("tie_weights")
-    model = (Bare() if hand_written else build_model(cfg, len(chars))).to(dev)
-    aux_losses = capabilities(model).aux_losses
-    step_model = torch.compile(model) if spec["compile"] else model
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=0.0)
-    amp = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(spec["precision"]) if CUDA else None
-    if CUDA and amp is None and spec["precision"] not in ("32-true", "32"):
-        raise SystemExit(f"bare loop: precision {spec['precision']} not supported")
-    ctx = torch.autocast(dev, dtype=amp) if amp is not None else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(dev) if amp == torch.float16 else None
-    offsets = torch.arange(T + 1, device=dev)
-    if spec["mode"] == "stream":  # the corpus cut into B streams; chunk k of each row follows chunk k-1
-        stream_len = (len(train) - 1) // B
-        rows = torch.arange(B, device=dev)[:, None] * stream_len
-        chunks = (stream_len - 1) // T
-    window, state = Window(spec), None
-    for k in range(spec["steps"] + (SYNC_PROBE if CUDA else 0)):
-        if spec["mode"] == "stream":
-            pos = (k % chunks) * T
-            w = train[rows + pos + offsets]  # (B, T+1)
-            state = None if pos == 0 else state
-        else:
-            w = train[torch.randint(len(train) - T - 1, (B,), device=dev)[:, None] + offsets]  # (B, T+1)
-        x, y = w[:, :-1], w[:, 1:]
-        with ctx:
-            logits, new_state = step_model(x, state)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            if aux_losses is not None:
-                loss = loss + sum(aux_losses(x, y).values())
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            scaler.step(opt)
-            scaler.update()
-        if spec["mode"] == "stream":
-            state = detach(new_state)
-        window.step_done()
-    return {"params": sum(p.numel() for p in model.parameters()), "precision": spec["precision"], **window.result}
-
-
-def mapped_file(ptr: int) -> str | None:
-    """The file whose memory map holds address `ptr` (from Linux's /proc/self/maps), or None."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/self/maps"):
-            parts = line.split(maxsplit=5)
-            lo, hi = (int(a, 16) for a in parts[0].split("-"))
-            if lo <= ptr < hi and len(parts) == 6 and parts[5].startswith("/"):
-                return parts[5].strip()
-    return None
-
-
-def child_encode(spec: dict) -> dict:
-    """CharDataModule(path=...).prepare() on a big corpus: cold, then again (a cache hit, where data.py caches)."""
-    import datasets  # noqa: F401  (imported before the clock starts)
-
-    from charlm.data import CharDataModule
-
-    rss0, t0 = rss_mb(), time.perf_counter()
-    CharDataModule(path=spec["corpus"]).prepare()
-    cold, mem = time.perf_counter() - t0, memory(rss0, cuda=False)
-    t0 = time.perf_counter()
-    (dm := CharDataModule(path=spec["corpus"])).prepare()
-    warm, ids_file = time.perf_counter() - t0, mapped_file(dm.splits["train"].data_ptr())
-    return {"mb": spec["mb"], "encode_s": cold, "mb_per_s": spec["mb"] / cold, "prepare_again_s": warm, **mem,
-            "memory_mapped": ids_file is not None, "ids_file": ids_file and Path(ids_file).name,
-            "ids_dtype": str(dm.splits["train"].dtype)}
 
 
 def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dict:
@@ -253,7 +54,8 @@ def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dic
     spec_path.write_text(json.dumps(spec))
     e = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     with open(log, "w") as fh:
-        rc = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_path)], cwd=ROOT, env=e,
+        rc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_child.py")), kind, str(spec_path)],
+                            cwd=ROOT, env=e,
                             stdout=fh, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         sys.exit(f"bench: {tag} failed ({rc}):\n" + log.read_text()[-3000:])
@@ -376,6 +178,22 @@ def lowest_ratio(res: dict) -> tuple[float, str] | None:
     return min(pairs) if pairs else None
 
 
+def ratios_of(res: dict) -> dict[str, float]:
+    """{"MODEL MODE": charlm/bare ratio} of a results file (older files without modes give none)."""
+    return {f"{n} {mode}": m["ratio"] for n, r in res.get("models", {}).items()
+            for mode, m in (r.get("modes") or {}).items()}
+
+
+def largest_change(before: dict, after: dict) -> dict | None:
+    """The ratio that moved most since `before` (a previous results file): what, before, after, change."""
+    old, new = ratios_of(before), ratios_of(after)
+    common = [(abs(new[k] - old[k]), k) for k in new if k in old]
+    if not common:
+        return None
+    k = max(common)[1]
+    return {"date": before.get("date"), "what": k, "before": old[k], "after": new[k], "change": new[k] - old[k]}
+
+
 def table(res: dict) -> str:
     def mem(side):
         if side is None:
@@ -390,8 +208,9 @@ def table(res: dict) -> str:
     m = "CUDA peak MB" if CUDA else "peak RSS MB (growth)"
     lines = [f"## charlm bench: {res['machine']}, {res['date']}", "",
              f"{res['device']}, torch {res['torch']}, {res['threads']} threads, preset {res['preset']}: "
-             f"{res['steps']} training steps per side, the last {res['steps'] - res['warmup']} timed (best of "
-             f"{res['repeats']}); batch {res['settings']['batch_size']} x {res['settings']['block_size']} chars; "
+             f"{res['steps']} training steps per side, the last {res['steps'] - res['warmup']} timed; the two sides "
+             f"interleaved {res['repeats']} times, the median ratio; batch {res['settings']['batch_size']} x "
+             f"{res['settings']['block_size']} chars; "
              f"AdamW lr {LR:g}, betas {BETAS}, no weight decay, clip norm {CLIP:g}, no schedule, on both sides.", "",
              "Training tokens/s, charlm / bare loop (target: >= 0.95 in every mode):", "",
              "| model | params | precision | " + " | ".join(
@@ -404,6 +223,13 @@ def table(res: dict) -> str:
             cells += ([fmt(x["charlm"]["tokens_per_s"]), fmt(x["bare"]["tokens_per_s"]), f"{x['ratio']:.2f}"]
                       if x else ["-", "-", "-"])
         lines.append(f"| {name} | {fmt(r['params'])} | {r['precision']} | " + " | ".join(cells) + " |")
+    spreads = [f"{n} {mode} {min(m['ratios']):.2f}-{max(m['ratios']):.2f}" for n, r in res["models"].items()
+               for mode, m in r["modes"].items() if len(m.get("ratios", [])) > 1]
+    if spreads:
+        lines += ["", "Spread of the per-repeat ratios (min-max): " + ", ".join(spreads) + "."]
+    if p := res.get("previous"):
+        lines += ["", f"Largest change against the previous run ({p['date']}): {p['what']} {p['before']:.2f} -> "
+                  f"{p['after']:.2f} ({p['change']:+.2f})."]
     if low := lowest_ratio(res):
         lines += ["", f"Lowest ratio: {low[0]:.2f} ({low[1]}): target {'met' if low[0] >= 0.95 else 'NOT met'}."]
     if res.get("skipped"):
@@ -467,7 +293,8 @@ def main() -> None:
                    "or a comma-separated subset of random,stream for every model")
     p.add_argument("--steps", type=int, help="training steps per side (default: the preset's)")
     p.add_argument("--warmup", type=int, help="untimed first steps (default: steps // 10, at least 1)")
-    p.add_argument("--repeats", type=int, default=1, help="alternate charlm and bare runs N times, keep each's best")
+    p.add_argument("--repeats", type=int, default=2, help="interleave charlm and bare runs N times (A, B, A, B, "
+                   "...); report the median ratio and its spread")
     p.add_argument("--budget-s", type=float, help="start no new training run after this many seconds (the rest "
                    "are listed as not run); sampling, scans and encoding still run")
     p.add_argument("--sample-chars", type=int, default=1000)
@@ -476,14 +303,7 @@ def main() -> None:
     p.add_argument("--scan-repeats", type=int, default=3, help="median of N scan timings (0: skip them)")
     p.add_argument("--encode-mb", type=float, default=100, help="corpus size for the encode timing (0: skip)")
     p.add_argument("--out", default=str(ROOT / "bench"))
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.child:
-        kind, spec_path = a.child[0], Path(a.child[1])
-        child = {"charlm": child_charlm, "bare": child_bare, "encode": child_encode}[kind]
-        spec_path.with_suffix(".out").write_text(json.dumps(child(json.loads(spec_path.read_text()))))
-        return
-
     t_start = time.perf_counter()
     preset = PRESETS[a.preset]
     steps = a.steps or preset["steps"]
@@ -504,6 +324,8 @@ def main() -> None:
            "repeats": a.repeats, "sample_chars": a.sample_chars, "recompute_chars": recompute_chars,
            "settings": {**preset["data"], "optim": SHARED, "quiet": QUIET}, "models": {}, "skipped": []}
     out = Path(a.out)
+    previous = out / f"results-{res['machine']}.json"
+    previous = json.loads(previous.read_text()) if previous.exists() else None
     work = Path(tempfile.mkdtemp(prefix="charlm-bench-"))
     try:
         for name in models:
@@ -524,15 +346,18 @@ def main() -> None:
                     c = run_child("charlm", spec | {"overrides": [*overrides, f"hydra.run.dir={run_dir}"],
                                                     "run_dir": str(run_dir)}, work)
                     runs.append((c, run_child("bare", spec, work)))
-                c, b = (max((r[i] for r in runs), key=lambda x: x["tokens_per_s"]) for i in (0, 1))
+                ratios = sorted(r[0]["tokens_per_s"] / r[1]["tokens_per_s"] for r in runs)
+                c, b = (sorted((r[i] for r in runs), key=lambda x: x["tokens_per_s"])[(len(runs) - 1) // 2]
+                        for i in (0, 1))  # each side's median run
                 if (c["params"], c["precision"], c["sampling"]) != (b["params"], b["precision"], mode):
                     sys.exit(f"bench: {name} {mode}: the two sides differ: charlm {c['params']} params, "
                              f"{c['precision']}, {c['sampling']}; bare {b['params']} params, {b['precision']}, {mode}")
                 entry = entry or {"params": c["params"], "precision": c["precision"], "modes": {},
                                   "sampling": bench_sampling(bare["model"], a.sample_chars, recompute_chars)}
-                entry["modes"][mode] = {"charlm": c, "bare": b, "ratio": c["tokens_per_s"] / b["tokens_per_s"]}
+                entry["modes"][mode] = {"charlm": c, "bare": b, "ratio": statistics.median(ratios), "ratios": ratios}
                 print(f"bench: {name} {mode}: charlm {c['tokens_per_s']:,.0f} tok/s, bare {b['tokens_per_s']:,.0f} "
-                      f"tok/s, ratio {entry['modes'][mode]['ratio']:.2f}", flush=True)
+                      f"tok/s, ratio {entry['modes'][mode]['ratio']:.2f} (median of {len(ratios)}, "
+                      f"{ratios[0]:.2f}-{ratios[-1]:.2f})", flush=True)
                 res["models"][name] = entry
                 write(res, out)
         if a.scan_repeats > 0:
@@ -549,6 +374,8 @@ def main() -> None:
             res["data"] = run_child("encode", {"name": "corpus", "corpus": str(corpus), "mb": a.encode_mb}, work, cold)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if previous is not None and (change := largest_change(previous, res)):
+        res["previous"] = change
     md = write(res, out)
     print("\n" + md + f"\nwritten: {out}/results-{res['machine']}.{{json,md}}")
 

@@ -100,3 +100,15 @@ def test_gpu_check_dry_run(tmp_path):
     assert ttq["window_val_loss"] is not None and ttq["best_val_loss"] is not None
     assert (check / "shakespeare_best" / "csv" / "metrics.csv").exists()
     assert (check / "compare" / "leaderboard.md").exists()
+
+
+def test_largest_change_against_a_previous_run():
+    import bench
+
+    def res(ratios):
+        return {"date": "d", "models": {"rnn": {"modes": {m: {"ratio": r} for m, r in ratios.items()}}}}
+
+    change = bench.largest_change(res({"random": 0.90, "stream": 1.00}), res({"random": 0.95, "stream": 0.80}))
+    assert change["what"] == "rnn stream" and abs(change["change"] - (-0.20)) < 1e-12
+    assert bench.largest_change({"models": {"rnn": {"ratio": 0.9}}}, res({"random": 0.9})) is None  # older format
+    assert hasattr(bench, "LR") and not hasattr(bench, "child_bare")  # scripts/bare_loop.py sets bench_child.LR
