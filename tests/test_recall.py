@@ -275,6 +275,7 @@ def test_gradient_follows_a_constant_forget_gate(keep):
     assert c["r"] > 0.95 and len(c["grad"]) == 21 and c["grad"][1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # test_contract.py checks every model's gate openings; this adds two layers
 def test_gate_hooks_return_openings_in_unit_interval():
     names = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
     sizes = {"embed_dim": 8, "hidden_dim": 16, "n_embd": 16, "n_layer": 1, "n_head": 2, "num_layers": 2}
