@@ -7,12 +7,10 @@ overrides (any key that is not compare's own). DIR (hydra.run.dir, by default
 outputs/compare/RECIPES-BUDGET[-HASH]) then holds leaderboard.md/.csv and curves.png. The same command
 run again skips the entries that wrote results.json and starts an unfinished one again.
 
-`budget.seconds` is Lightning's `trainer.max_time` (fit's wall time, validations included); when it fires,
-`trainer.should_stop` makes Lightning's epoch loop validate and checkpoint the last weights itself
-(`_should_check_val_fx`), so a run's end is always scored. `budget.tokens` sets `trainer.max_steps`, whose
-last step `ValidateAtEnd` scores. Each run validates `budget.evals` times, every seconds/evals wall seconds
-(Lightning's time-based `val_check_interval`, set by `Curve`: charlm's typed config takes steps) or every
-max_steps/evals steps.
+The budget is charlm.train's own (`budget.seconds`, `budget.tokens`, `budget.evals`: charlm.budget), passed
+through unchanged. Every model runs every seed, so the leaderboard can compare them seed by seed
+(charlm.leaderboard). After each run, the best checkpoint's effective context (charlm.studies.context) goes
+into DIR/MODEL-SEED/context.json.
 """
 
 from __future__ import annotations
@@ -33,16 +31,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from charlm import cli, rundir
 from charlm.atomic import write_json
+from charlm.budget import MIN_SECONDS, tokens_per_step
 from charlm.config import check_sections
 from charlm.errors import ConfigError
 from charlm.leaderboard import _read, write_outputs
 from charlm.train import check_config, finite, pick_trainer, run
 
-KEYS = {"models", "seeds", "recipes", "overrides", "budget", "hydra"}  # compare's own; the rest are train overrides
-NO_STEP_LIMIT = 10**9  # max_steps under a time budget (the cosine's horizon too: the LR stays flat after warmup)
+KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "hydra"}  # compare's own
+
+
 @dataclass
 class Budget:
-    seconds: Optional[int] = None
+    """Every run's budget, handed to charlm.train as its own `budget.*` keys (charlm.budget)."""
+
+    seconds: Optional[float] = None
     tokens: Optional[int] = None
     evals: int = 6
 
@@ -55,6 +57,8 @@ class CompareTop:
     seeds: List[int] = field(default_factory=lambda: [1337])
     recipes: str = "auto"
     overrides: List[str] = field(default_factory=list)
+    context: bool = True
+    context_positions: int = 2000
 
 
 def _key(arg: str) -> str:
@@ -117,25 +121,13 @@ def compose_train(overrides: list[str], model: str) -> DictConfig:
         raise ConfigError(f"{model}: {cli._compose_error_line(e)}") from None
 
 
-def duration(s: int) -> str:
-    """Seconds as Lightning's DD:HH:MM:SS."""
-    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def plan_entry(cfg: DictConfig, recipes: dict, model: str, seed: int) -> tuple[list[str], DictConfig]:
     """One run's train overrides (model, recipe, command line, seed, budget) and its checked config."""
     base = pick_trainer(dedupe([f"model={model}", *recipes.get("all", []), *recipes.get(model, []),
                                 *OmegaConf.to_container(cfg.overrides, resolve=False), f"seed={seed}"]))
     b = cfg.budget
-    if b.seconds is not None:
-        every = max(1, int(b.seconds) // int(b.evals))  # Lightning's time-based validation interval
-        extra = [f"trainer.max_time='{duration(int(b.seconds))}'", f"trainer.max_steps={NO_STEP_LIMIT}",
-                 f"trainer.val_check_interval='{duration(every)}'"]
-    else:
-        first = compose_train(base, model)
-        steps = max(1, -(-int(b.tokens) // (first.data.batch_size * first.data.block_size)))
-        extra = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={max(1, steps // int(b.evals))}"]
-    overrides = dedupe(base + extra)
+    size = f"budget.seconds={b.seconds:g}" if b.seconds is not None else f"budget.tokens={b.tokens}"
+    overrides = dedupe(base + [size, f"budget.evals={b.evals}"])
     train_cfg = compose_train(overrides, model)
     try:
         check_config(train_cfg)
@@ -150,9 +142,14 @@ def selection(cfg: DictConfig) -> tuple[dict, list[str], list[int]]:
     b = cfg.budget
     if (b.seconds is None) == (b.tokens is None):
         raise ConfigError("give exactly one budget: budget.seconds=S (wall seconds per run) or budget.tokens=N")
-    for key in ("seconds", "tokens", "evals"):
+    if b.seconds is not None and b.seconds < MIN_SECONDS:  # tokens: at least one step, checked per model by train
+        raise ConfigError(f"budget.seconds={b.seconds:g}: must be >= {MIN_SECONDS} (start-up and the first "
+                          "validation alone take seconds)")
+    for key in ("tokens", "evals"):
         if b[key] is not None and b[key] < 1:
             raise ConfigError(f"budget.{key}={b[key]}: must be >= 1")
+    if cfg.context_positions < 1:
+        raise ConfigError(f"context_positions={cfg.context_positions}: must be >= 1")
     recipes = load_recipes(str(cfg.recipes))
     known = known_models(recipes)
     models, seeds = list(cfg.models or []) or known, list(cfg.seeds)
@@ -178,8 +175,8 @@ def default_dir(cfg: DictConfig, argv: list[str]) -> list[str]:
     if rundir.explicit_dir(cfg) is not None:
         return argv
     b = cfg.budget
-    tag = f"{recipe_path(str(cfg.recipes)).stem}-" + (f"{b.seconds}s" if b.seconds is not None else f"{b.tokens}tok")
-    extra = json.dumps([OmegaConf.to_container(cfg.overrides, resolve=False), b.evals])
+    tag = f"{recipe_path(str(cfg.recipes)).stem}-" + (f"{b.seconds:g}s" if b.seconds is not None else f"{b.tokens}tok")
+    extra = json.dumps([OmegaConf.to_container(cfg.overrides, resolve=False), b.evals])  # not context: no retraining
     if extra != json.dumps([[], Budget.evals]):
         tag += "-" + hashlib.sha1(extra.encode()).hexdigest()[:8]
     return [*argv, f"hydra.run.dir='{Path('outputs') / 'compare' / tag}'"]
@@ -205,8 +202,9 @@ class Curve(L.Callback):
         if trainer.sanity_checking or trainer.global_rank != 0 or bpc is None:
             return
         dm = trainer.datamodule
+        per_step = tokens_per_step(dm.batch_size, dm.block_size, trainer.world_size, trainer.accumulate_grad_batches)
         self.points.append({"step": trainer.global_step, "seconds": round(self.t_val, 3),
-                            "tokens": trainer.global_step * dm.batch_size * dm.block_size * trainer.world_size,
+                            "tokens": trainer.global_step * per_step,
                             "val_bpc": finite(float(bpc))})
         write_json(self.path, {"points": self.points})
 
@@ -222,7 +220,7 @@ def group_wandb(train_cfg: DictConfig, folder: Path) -> None:
 def train_entry(cfg: DictConfig, folder: Path, model: str, overrides: list[str], train_cfg: DictConfig) -> bool:
     """Train one (model, seed) in `folder`; a failure is recorded in job.json and the comparison goes on."""
     folder.mkdir(parents=True)
-    write_json(folder / "compare.json", {"overrides": overrides, "evals": cfg.budget.evals})
+    write_json(folder / "compare.json", {"overrides": overrides})
     (folder / ".hydra").mkdir()
     OmegaConf.save(train_cfg, folder / ".hydra" / "config.yaml")  # as a charlm.train run folder
     group_wandb(train_cfg, folder)
@@ -241,6 +239,40 @@ def train_entry(cfg: DictConfig, folder: Path, model: str, overrides: list[str],
         return False
 
 
+def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool:
+    """The best checkpoint's effective context on the val split (charlm.studies.context) into
+    folder/context.json; False (and one line) if it cannot be measured."""
+    try:
+        from charlm.studies.context import context_use
+    except ImportError:
+        print(f"charlm.compare: {folder.name}: no effective context (charlm.studies.context is not installed)")
+        return False
+    from charlm.build import build_data
+    from charlm.checkpoint import load_model
+
+    results = _read(folder / "results.json")
+    best = folder / "checkpoints" / Path(results.get("best_ckpt") or "last.ckpt").name  # the folder may have moved
+    try:
+        model, vocab, _ = load_model(best)
+        ids = build_data(train_cfg, vocab).splits["val"]
+        gpu = torch.cuda.is_available() and str(train_cfg.trainer.get("accelerator")) in ("gpu", "cuda", "auto")
+        device = "cuda" if gpu else "cpu"
+        t0 = time.perf_counter()
+        use = context_use(model.to(device), ids, n_positions=positions, device=device)
+        seconds = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - a failed measurement leaves the column empty, not the comparison
+        print(f"error: {folder.name}: effective context: {cli.error_line(e)}", file=sys.stderr)
+        return False
+    record = {k: (finite(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+              for k, v in use.items() if k in ("effective_context", "full_context_loss")}
+    record.update(positions=positions, checkpoint=best.name, seconds=round(seconds, 3),
+                  context_use=use.get("context_use"))
+    write_json(folder / "context.json", record)
+    print(f"charlm.compare: {folder.name}: effective context {record.get('effective_context')} chars "
+          f"({positions} positions, {seconds:.1f} s)")
+    return True
+
+
 def compare(cfg: DictConfig) -> None:
     """Train every (model, seed) not yet finished in the Hydra run dir, then write the leaderboard."""
     from hydra.core.hydra_config import HydraConfig
@@ -250,7 +282,7 @@ def compare(cfg: DictConfig) -> None:
     plans = {(m, s): plan_entry(cfg, recipes, m, s) for m in models for s in seeds}
     for (m, s), (overrides, _) in plans.items():
         done = _read(out / f"{m}-{s}" / "compare.json")
-        if (out / f"{m}-{s}" / "results.json").exists() and done != {"overrides": overrides, "evals": cfg.budget.evals}:
+        if (out / f"{m}-{s}" / "results.json").exists() and done != {"overrides": overrides}:
             raise ConfigError(f"{out / f'{m}-{s}'} was trained with other settings (its compare.json); "
                               "pick another hydra.run.dir or delete that folder")
     print(f"charlm.compare: {len(models)} models x {len(seeds)} seeds -> {out}")
@@ -259,12 +291,16 @@ def compare(cfg: DictConfig) -> None:
         folder = out / f"{m}-{s}"
         if (folder / "results.json").exists():
             print(f"charlm.compare: {folder.name}: finished before, skipped")
-            continue
-        if folder.exists():
-            print(f"charlm.compare: {folder.name}: unfinished, starting it again")
-            shutil.rmtree(folder)
-        print(f"\ncharlm.compare: {folder.name}: {' '.join(overrides)}")
-        failed += not train_entry(cfg, folder, m, overrides, train_cfg)
+        else:
+            if folder.exists():
+                print(f"charlm.compare: {folder.name}: unfinished, starting it again")
+                shutil.rmtree(folder)
+            print(f"\ncharlm.compare: {folder.name}: {' '.join(overrides)}")
+            if not train_entry(cfg, folder, m, overrides, train_cfg):
+                failed += 1
+                continue
+        if cfg.context and not (folder / "context.json").exists():
+            measure_context(folder, train_cfg, int(cfg.context_positions))
     with open_dict(cfg):
         cfg.recipes = str(recipe_path(str(cfg.recipes)))  # the leaderboard names the recipes actually used
     write_outputs(out, cfg, models, seeds)

@@ -28,6 +28,7 @@ from charlm.errors import ConfigError
 from charlm.schemas import (
     BudgetConfig,
     PRIMITIVES,
+    MAPPING_RULES,
     RULES,
     ClipConfig,
     EvalConfig,
@@ -182,6 +183,10 @@ def _show(v) -> str:
     return str(v)
 
 
+def _plain(value):
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+
+
 def _rule_for(key: str):
     if key in RULES:
         return RULES[key]
@@ -199,8 +204,9 @@ def _check_ranges(node, prefix: str, choices: dict | None = None) -> None:
         if value is None or str(key).startswith("_"):
             continue
         if isinstance(value, (DictConfig, dict)):
-            if _rule_for(full) is not None:  # a mapping where a rule expects a value
-                raise ConfigError(f"{full}={_show(value)}: must be {_rule_for(full)[1]}")
+            rule = _rule_for(full)
+            if rule is not None and (full not in MAPPING_RULES or not rule[0](_plain(value))):
+                raise ConfigError(f"{full}={_show(value)}: must be {rule[1]}")  # a mapping where a value belongs
             continue
         if isinstance(value, ListConfig):
             value = OmegaConf.to_container(value)

@@ -1,4 +1,6 @@
-"""Corpora: local text files (a file, a folder of text files, or a glob) -> a vocabulary and ids.
+"""Corpora: local files (a file, a folder of text files, or a glob) -> a vocabulary and ids, as
+characters (`unit=char`: UTF-8 text, universal newlines) or raw bytes (`unit=byte`: any file, nothing
+decoded or translated; the enwik8 protocol). `read_corpus(data_config)` is the entry point.
 
 Encoded once per content hash into `cache_dir()/HASH.ids.npy` (uint8, uint16 or int32 ids,
 memory-mapped after), verified against `HASH.meta.json` before it is trusted, written atomically.
@@ -15,6 +17,7 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -139,8 +142,81 @@ def _cached_ids(ids_path: Path, vocab_path: Path, meta_path: Path, key: str):
     return (vocab, ids) if ok else None
 
 
-def encode_corpus(path: str | None, errors: str = "strict") -> tuple[CharVocab, torch.Tensor]:
+def read_corpus(data: Mapping) -> tuple[CharVocab, torch.Tensor]:
+    """A data config (its `path`, `unit` and `errors`) -> the corpus's own vocabulary and its ids."""
+    return encode_corpus(data.get("path"), data.get("errors", "strict"), data.get("unit", "char"))
+
+
+def _cache_folder() -> Path:
+    """cache_dir(), or a fresh temporary folder when it cannot be written (a read-only home)."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="charlm-"))
+    return folder
+
+
+def _read_bytes(files: list[str], h, chunk_bytes: int = 1 << 24):
+    """The files' bytes in chunks, each also fed to the hash `h` as `corpus_key` feeds it."""
+    h.update(b"unit=byte")
+    for f in files:
+        with open(f, "rb") as fh:
+            for data in iter(lambda: fh.read(chunk_bytes), b""):
+                h.update(data)
+                yield data
+        h.update(b"\0end-of-file\0")
+
+
+def encode_bytes(path: str | None) -> tuple[CharVocab, torch.Tensor]:
+    """The corpus as raw bytes: vocabulary = the byte values present (<= 256), uint8 ids, cached by content
+    hash as characters are and memory-mapped after. Two passes of chunks (count, then map and write), so
+    memory holds one chunk, not the corpus."""
+    files = resolve_files(path or embedded_corpus())
+    key = corpus_key(files, "unit=byte")
+    folder = _cache_folder()
+    ids_path, vocab_path, meta_path = (folder / f"{key}.{x}" for x in ("ids.npy", "vocab.json", "meta.json"))
+    cached = _cached_ids(ids_path, vocab_path, meta_path, key)
+    if cached is not None and cached[0].unit == "byte":
+        return cached[0], _torch_ids(cached[1])
+    where = path or "corpus"
+    changed = CorpusError(f"{where}: changed while it was being read; run again")
+    h, counts = hashlib.sha256(), np.zeros(256, dtype=np.int64)
+    for data in _read_bytes(files, h):
+        counts += np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
+    n = int(counts.sum())
+    if h.hexdigest()[:32] != key:
+        raise changed
+    if n == 0:
+        raise CorpusError(f"{where}: empty")
+    present = np.flatnonzero(counts)
+    vocab = CharVocab([chr(b) for b in present], unit="byte")
+    table = np.zeros(256, dtype=np.uint8)  # byte value -> id
+    table[present] = np.arange(len(present))
+    h, pos = hashlib.sha256(), 0
+    with atomic_path(ids_path, suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n,))
+        for data in _read_bytes(files, h):
+            if pos + len(data) > n:
+                raise changed
+            out[pos : pos + len(data)] = table[np.frombuffer(data, dtype=np.uint8)]
+            pos += len(data)
+        out.flush()
+        del out
+        if pos != n or h.hexdigest()[:32] != key:
+            raise changed
+    write_json(vocab_path, vocab.to_dict())
+    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": n, "dtype": "uint8", "vocab_size": len(vocab),
+                           "unit": "byte"})
+    return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
+
+
+def encode_corpus(path: str | None, errors: str = "strict", unit: str = "char") -> tuple[CharVocab, torch.Tensor]:
     """The corpus's own vocabulary and its ids, encoded once per content hash and memory-mapped after.
+    `unit=byte` reads raw bytes (`encode_bytes`); the rest of this describes characters.
 
     On a cache miss the files are read fresh, twice, a chunk at a time (vocabulary and length, then ids
     written into a memory-mapped `.npy`), so memory stays flat whatever the corpus size. The ids are stored
@@ -148,21 +224,18 @@ def encode_corpus(path: str | None, errors: str = "strict") -> tuple[CharVocab, 
     vocabulary and a meta file (length, dtype) beside them; every file is written atomically, the meta last.
     A cache entry whose ids do not match its meta is rebuilt.
     """
+    if unit == "byte":
+        return encode_bytes(path)
+    if unit != "char":
+        raise CorpusError(f"data.unit={unit}: must be char or byte")
     files = resolve_files(path or embedded_corpus())
     _check_readable(files, errors)
     key = corpus_key(files, errors)
-    folder = cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError:  # read-only home: encode into a temporary folder
-        folder = Path(tempfile.mkdtemp(prefix="charlm-"))
+    folder = _cache_folder()
     ids_path, vocab_path = folder / f"{key}.ids.npy", folder / f"{key}.vocab.json"
     meta_path = folder / f"{key}.meta.json"
     cached = _cached_ids(ids_path, vocab_path, meta_path, key)
-    if cached is not None:
+    if cached is not None and cached[0].unit == "char":
         return cached[0], _torch_ids(cached[1])
     changed = CorpusError(f"{path or 'corpus'}: changed while it was being read; run again")
     h = hashlib.sha256()

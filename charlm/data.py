@@ -15,8 +15,22 @@ from torch.utils.data import DataLoader, IterableDataset
 from charlm.corpus import _torch_ids, encode_corpus
 from charlm.errors import CorpusError
 from charlm.split import SPLITS, split_slice
-from charlm.vocab import CharVocab
+from charlm.vocab import UNITS, CharVocab
 from charlm.yardstick import Batch, eval_dataset
+
+
+def unit_mismatch(where: str, vocab: CharVocab, unit: str) -> CorpusError:
+    """The one-line refusal of a corpus read in another unit than the checkpoint's vocabulary."""
+    return CorpusError(f"{where}: read as data.unit={unit}, but the checkpoint's model reads {vocab.unit}s "
+                       f"(pass data.unit={vocab.unit})")
+
+
+def size_note(name: str, n: int, unit: str, published: int | None) -> str | None:
+    """A line saying a corpus is not the size of the published protocol it is named after, else None."""
+    if not published or n == published:
+        return None
+    return (f"note: this {name} file has {n:,} {unit}s, not the protocol's {published:,}: its figures will not "
+            "compare with the published tables")
 
 
 class RandomWindows(IterableDataset):
@@ -86,6 +100,8 @@ class CharDataModule(L.LightningDataModule):
         test_fraction: float = 0.0,
         sampling: str = "random",
         errors: str = "strict",
+        unit: str = "char",
+        published_size: int | None = None,
         seed: int = 1337,
         vocab: CharVocab | None = None,
     ):
@@ -96,39 +112,46 @@ class CharDataModule(L.LightningDataModule):
             raise ValueError(f"data.sampling={sampling!r}: must be 'auto', 'random' or 'stream'")
         if errors not in ("strict", "replace"):
             raise ValueError(f"data.errors={errors!r}: must be 'strict' or 'replace'")
+        if unit not in UNITS:
+            raise ValueError(f"data.unit={unit!r}: must be 'char' or 'byte'")
         self.path, self.name = path, name
         self.block_size, self.batch_size = block_size, batch_size
         self.eval_cfg = {"context_size": None, "streams": 8, "chunk": 256, "stride": None, "batch_size": 64,
                          "max_chars": None}
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.sampling, self.errors, self.seed = sampling, errors, seed
+        self.unit, self.published_size = unit, published_size  # published_size: the protocol's corpus length
         self.vocab = vocab
         self.splits: dict[str, torch.Tensor] = {}
 
     def read_corpus(self, path: str | None = None) -> tuple[CharVocab, torch.Tensor, dict[str, slice] | None]:
         """The vocabulary and ids of the corpus at `path` (default data.path), and where each split lies when
         the corpus brings its own splits (None: charlm's cut). charlm.hf reads a Hugging Face dataset here."""
-        return (*encode_corpus(path or self.path, self.errors), None)
+        return (*encode_corpus(path or self.path, self.errors, self.unit), None)
 
     def prepare(self) -> None:
         """Read, encode and split the corpus (idempotent; also called by `setup`)."""
         if self.splits:
             return
         corpus_vocab, ids, own_splits = self.read_corpus()
+        where = self.path or self.name
         if self.vocab is None:
             self.vocab = corpus_vocab
+        elif self.vocab.unit != corpus_vocab.unit:
+            raise unit_mismatch(where, self.vocab, corpus_vocab.unit)
         elif self.vocab != corpus_vocab:  # e.g. resuming on another corpus: map into the checkpoint's ids
             missing = [c for c in corpus_vocab.chars if c not in self.vocab.stoi]
             if missing:
                 raise CorpusError(f"{self.path or self.name}: characters not in the vocabulary: "
                                   f"{''.join(missing)[:40]!r} (the checkpoint's vocabulary)")
-            mapping = np.array([self.vocab.stoi[c] for c in corpus_vocab.chars], dtype=np.int32)
-            ids = _torch_ids(mapping[np.asarray(ids)].astype(self.vocab.id_dtype))
+            mapping = np.array([self.vocab.stoi[c] for c in corpus_vocab.chars], dtype=self.vocab.id_dtype)
+            ids = _torch_ids(mapping[np.asarray(ids)])  # one compact copy (uint8 for <= 256 symbols)
         n = len(ids)
+        if note := size_note(self.name, n, self.unit, self.published_size):
+            print(note)
         self.splits = {s: ids[own_splits[s] if own_splits else split_slice(n, s, self.val_fraction, self.test_fraction)]
                        for s in SPLITS}
         n_test = len(self.splits["test"])
-        where = self.path or self.name
         for split in ("train", "val") + (("test",) if n_test else ()):
             if len(self.splits[split]) < self.block_size + 1:
                 raise CorpusError(
@@ -159,16 +182,17 @@ class CharDataModule(L.LightningDataModule):
         self.eval_cfg = {"context_size": context_size, "streams": streams, "chunk": chunk, "stride": stride,
                          "batch_size": batch_size, "max_chars": max_chars}
 
-    def eval_ids(self, split: str) -> torch.Tensor:
-        """The characters the yardstick scores: the split, or its first `eval.max_chars`."""
+    def eval_ids(self, split: str, whole: bool = False) -> torch.Tensor:
+        """The characters the yardstick scores: the split, or its first `eval.max_chars` (unless `whole`)."""
         ids = self.splits[split]
-        n = self.eval_cfg["max_chars"]
+        n = None if whole else self.eval_cfg["max_chars"]
         return ids[:n] if n else ids
 
-    def eval_dataset(self, split: str = "val", rank: int = 0, world: int = 1):
-        """The yardstick's batches over `split`; under DDP each rank its own streams or windows."""
+    def eval_dataset(self, split: str = "val", rank: int = 0, world: int = 1, whole: bool = False):
+        """The yardstick's batches over `split`; under DDP each rank its own streams or windows. `whole`:
+        the entire split, whatever eval.max_chars (which bounds the validations during training)."""
         c = self.eval_cfg
-        return eval_dataset(self.eval_ids(split), c["context_size"], c["streams"], c["chunk"], c["stride"],
+        return eval_dataset(self.eval_ids(split, whole), c["context_size"], c["streams"], c["chunk"], c["stride"],
                             c["batch_size"], rank, world)
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -4,6 +4,10 @@ checkpoint on any corpus with the yardstick (`charlm.yardstick`), and the nanoGP
 Prints nats, bits per character, perplexity and the characters scored; `json=FILE` also writes them.
 Characters outside the model's vocabulary are an error naming them, or with `unknown=skip` are
 dropped and counted. Needs torch and the model, not Lightning.
+
+`context=true` also measures the context the model uses (`charlm.studies.context`): the loss at
+`context_positions` seeded positions when the model reads only the last k characters, against the
+full-context loss there, and the effective context (the smallest k within 1% of it).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
 from charlm.config import check_sections, check_target_group
-from charlm.data import _torch_ids, encode_corpus
+from charlm.data import _torch_ids, encode_corpus, size_note, unit_mismatch
 from charlm.errors import ConfigError, CorpusError
 from charlm.hf import corpus_source
 from charlm.models.contract import capabilities
 from charlm.schemas import EvalConfig
 from charlm.split import split_slice
-from charlm.vocab import CharVocab
+from charlm.studies.context import context_use, summary
+from charlm.vocab import CharVocab, unit_label
 from charlm.yardstick import eval_dataset, latch_warning, protocol, score_rows, stream_means, window_loss
 
 
@@ -38,6 +43,8 @@ class EvaluateTop:
     json: Optional[str] = None
     device: str = "auto"
     seed: int = 1337
+    context: bool = False
+    context_positions: int = 2000
     data: Any = None
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -48,23 +55,35 @@ def check(cfg: DictConfig) -> None:
     check_sections(cfg, {"eval": EvalConfig}, EvaluateTop, targets=("data",))
     if cfg.split not in ("val", "test", "all"):
         raise ConfigError(f"split={cfg.split}: must be one of val, test, all")
+    if cfg.context_positions < 1:
+        raise ConfigError(f"context_positions={cfg.context_positions}: must be at least 1")
 
 
 def corpus_ids(cfg: DictConfig, vocab: CharVocab) -> tuple[torch.Tensor, int]:
     """The corpus in the model's ids, and how many characters were skipped (unknown=skip)."""
     path, own_splits = corpus_source(cfg.data)  # data.path, or a Hugging Face dataset's joined text (charlm.hf)
-    corpus_vocab, ids = encode_corpus(path, cfg.data.get("errors", "strict"))
+    unit = cfg.data.get("unit", "char")
+    where = cfg.data.get("path") or cfg.data.get("name") or cfg.data.get("dataset") or "corpus"
+    corpus_vocab, ids = encode_corpus(path, cfg.data.get("errors", "strict"), unit)
+    if corpus_vocab.unit != vocab.unit:
+        raise unit_mismatch(where, vocab, unit)
+    if note := size_note(cfg.data.get("name", "corpus"), len(ids), unit, cfg.data.get("published_size")):
+        print(note)
     if own_splits:  # the dataset's own split, cut before unknown characters are dropped
         ids = ids[own_splits[cfg.split]]
-    table = np.array([vocab.stoi.get(c, -1) for c in corpus_vocab.chars], dtype=np.int64)  # corpus id -> model id
-    missing = [c for c, t in zip(corpus_vocab.chars, table) if t < 0]
-    mapped = table[np.asarray(ids)]
+    if corpus_vocab == vocab:  # the model's own corpus: its ids are the model's, nothing to map or copy
+        return ids, 0
+    known = np.array([c in vocab.stoi for c in corpus_vocab.chars])
+    table = np.array([vocab.stoi.get(c, 0) for c in corpus_vocab.chars], dtype=vocab.id_dtype)  # corpus id -> model id
+    missing = [c for c, k in zip(corpus_vocab.chars, known) if not k]
+    ids = np.asarray(ids)
     if missing and cfg.unknown == "error":
-        where = cfg.data.path or cfg.data.get("name", "corpus")
         raise CorpusError(f"{where}: characters not in the model's vocabulary: {''.join(missing)[:40]!r} "
                           "(unknown=skip drops and counts them)")
-    kept = mapped[mapped >= 0].astype(vocab.id_dtype)
-    return _torch_ids(kept), int((mapped < 0).sum())
+    if not missing:
+        return _torch_ids(table[ids]), 0
+    keep = known[ids]
+    return _torch_ids(table[ids[keep]]), int((~keep).sum())
 
 
 def split_of(ids: torch.Tensor, split: str, val_fraction: float, test_fraction: float) -> torch.Tensor:
@@ -89,7 +108,7 @@ def evaluate(cfg: DictConfig) -> dict:
     rows, counts = score_rows(model, batches, device)
     total, chars = float(rows.sum()), int(counts.sum())
     loss = total / chars
-    out = {"checkpoint": str(cfg.ckpt_path), "model": hp.get("model_name"), "split": cfg.split,
+    out = {"checkpoint": str(cfg.ckpt_path), "model": hp.get("model_name"), "split": cfg.split, "unit": vocab.unit,
            "loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(min(loss, 700.0)), "chars_scored": chars,
            "skipped_chars": skipped, "protocol": protocol(context, e.streams, e.chunk, e.stride, chars),
            "stream_losses": stream_means(batches, rows, counts)}
@@ -97,19 +116,27 @@ def evaluate(cfg: DictConfig) -> dict:
         w = window_loss(model, ids, min(e.window, context or e.window), e.window_batches, seed=cfg.seed,
                         device=device)
         out["window_loss"], out["window_bpc"], out["window"] = w["loss"], w["bpc"], w["window"]
+    if cfg.context:
+        c = context_use(model, ids, n_positions=cfg.context_positions, device=device)
+        out.update(context_use=c.pop("context_use"), full_context_loss=c.pop("full_context_loss"),
+                   effective_context=c.pop("effective_context"), context=c)
     return out
 
 
 def _job(cfg: DictConfig) -> None:
     out = evaluate(cfg)
     print(f"{out['model']} on {cfg.data.path or cfg.data.get('name')} ({cfg.split}): {out['loss']:.4f} nats, "
-          f"{out['bpc']:.4f} bits/char, perplexity {out['ppl']:.3f}")
+          f"{out['bpc']:.4f} {unit_label(out['unit'])}, perplexity {out['ppl']:.3f}")
     print(f"yardstick: {out['protocol']['text']}" + (f"; {out['skipped_chars']:,} unknown chars skipped"
                                                       if out["skipped_chars"] else ""))
     if "window_loss" in out:
         print(f"nanoGPT-style: {out['window_loss']:.4f} nats (random {out['window']}-char windows, empty state)")
     if warning := latch_warning(out["stream_losses"]):
         print(warning)
+    if "context_use" in out:
+        r = dict(out["context"], **{k: out[k] for k in ("context_use", "full_context_loss", "effective_context")})
+        print(f"context used (loss when reading only the last k characters, {r['positions']:,} positions):")
+        print("\n".join(summary(r)))
     if cfg.json:
         write_json(cfg.json, out)
         print(f"wrote {cfg.json}")

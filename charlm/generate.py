@@ -60,7 +60,7 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ids = vocab.encode(prompt, unknown)
+    ids = vocab.text_ids(prompt, unknown)  # characters, or the prompt's UTF-8 bytes for a byte-level model
     if not ids:  # nothing to condition on: start after a newline (or the first character)
         ids = [vocab.stoi.get("\n", 0)]
     idx = torch.tensor(ids, device=device).repeat(num_samples, 1)  # (N, P)

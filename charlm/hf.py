@@ -91,12 +91,6 @@ def check_source(dataset: str | None, path: str | None, hf_splits: Mapping | Non
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def _hub_offline() -> bool:
-    import datasets
-
-    return bool(datasets.config.HF_HUB_OFFLINE)
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -107,7 +101,7 @@ def _load_hub(name: str, config: str | None, revision: str | None, streaming: bo
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
-    offline = _hub_offline()
+    offline = bool(datasets.config.HF_HUB_OFFLINE)
     try:
         return datasets.load_dataset(name, config, revision=revision, streaming=streaming and not offline)
     except (ConnectionError, FileNotFoundError) as e:
@@ -156,10 +150,6 @@ def load_splits(dataset: str | None, config: str | None, revision: str | None, p
 # ---- rows -> text -------------------------------------------------------------------------------
 
 
-def _columns(ds) -> list[str] | None:
-    return list(ds.features) if ds.features is not None else None
-
-
 def rows(ds, column: str, where: str) -> Iterator[str]:
     """The text column's rows (missing values skipped); a wrong or non-text column is a CorpusError."""
     features = ds.features
@@ -171,6 +161,7 @@ def rows(ds, column: str, where: str) -> Iterator[str]:
             texts = [c for c, f in features.items() if getattr(f, "dtype", None) in TEXT_DTYPES]
             raise CorpusError(f"{where}: column {column!r} holds {dtype}, not text "
                               f"(text columns: {', '.join(texts) or 'none'})")
+        ds = ds.select_columns([column])  # other columns are never read
     for batch in ds.iter(batch_size=1000):
         if column not in batch:
             raise CorpusError(f"{where}: no column {column!r} (columns: {', '.join(batch)}); set data.column")

@@ -1,11 +1,19 @@
 """The comparison's outputs: leaderboard.md / leaderboard.csv (sorted by the yardstick) and curves.png,
-read from each run folder's results.json, curve.json and job.json (never from logs)."""
+read from each run folder's results.json, curve.json, context.json and job.json (never from logs).
+
+Seeds are paired: seed s gives every model the same initial RNG state, and models that sample random
+windows of the same shape the same windows (charlm.data: batch k is a function of (seed, k) alone). Each
+model is set against the leader (lowest mean val bpc) seed by seed: the mean of (model - leader) over the
+seeds both finished and its standard error, sd(differences) / sqrt(n). The seeds are independent runs, so
+that standard error holds whether or not the pairing makes the two models' results move together.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -17,9 +25,15 @@ from omegaconf import DictConfig
 
 from charlm.atomic import atomic_path, write_atomic
 
-COLUMNS = ["model", "params", "tokens_per_s", "best_val_bpc", "best_val_bpc_sd", "best_val_loss", "window_val_loss",
-           "window", "seconds_to_best", "tokens_to_best", "steps", "seeds", "protocol", "status", "error"]
-
+COLUMNS = ["model", "params", "tokens_per_s", "best_val_bpc", "best_val_bpc_sd", "vs_leader", "vs_leader_se",
+           "vs_leader_mark", "sign_agrees", "paired_seeds", "effective_context", "best_val_loss", "window_val_loss",
+           "window", "seconds_to_best", "tokens_to_best", "steps", "seeds", "startup_seconds", "final_eval_seconds",
+           "context_seconds", "protocol", "status", "error"]
+ONE_SEED = "n/a (1 seed)"
+FOOTNOTE = ("Δ vs leader: this model's val bpc minus the leader's on the same seed, averaged over the seeds both "
+            "finished, ± its standard error (sd of those differences / √n); * where |Δ| > 2 SE. Signs agree: every "
+            "seed's difference has the same sign. Effective context: characters of context the best checkpoint "
+            "makes use of (charlm.studies.context).")
 
 
 def _read(path: Path) -> dict:
@@ -31,28 +45,61 @@ def _mean(values) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def paired_difference(model: dict[int, float], leader: dict[int, float]) -> dict:
+    """`model` minus `leader` ({seed: val bpc}) over the seeds both have: n, mean, standard error (sd / sqrt(n)),
+    whether every difference has the same (nonzero) sign, and the mark (|mean| > 2 SE). Below 2 seeds there
+    is no spread to compare against: mean, se and agree are None."""
+    diffs = [model[s] - leader[s] for s in sorted(set(model) & set(leader))]
+    n = len(diffs)
+    if n < 2:
+        return {"n": n, "mean": None, "se": None, "agree": None, "mark": False}
+    mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(n)
+    agree = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return {"n": n, "mean": mean, "se": se, "agree": agree, "mark": abs(mean) > 2 * se}
+
+
+def run_row(out: Path, m: str, seeds: list[int]) -> dict:
+    """One row per model from its runs' results.json, curve.json and context.json (mean over seeds)."""
+    runs = {s: {f: _read(out / f"{m}-{s}" / f"{f}.json") for f in ("results", "curve", "job", "context")}
+            for s in seeds}
+    ok = {s: r for s, r in runs.items() if r["results"].get("best_val_bpc") is not None}
+    res = [r["results"] for r in ok.values()]
+    best = [next((p for p in r["curve"].get("points", []) if p["step"] == r["results"].get("best_step")), {})
+            for r in ok.values()]
+    bpc = {s: r["results"]["best_val_bpc"] for s, r in ok.items()}
+    first = res[0] if res else {}
+    return {
+        "model": m, "params": first.get("params"), "tokens_per_s": _mean(r.get("tokens_per_s") for r in res),
+        "best_val_bpc": _mean(bpc.values()), "bpc_by_seed": bpc,
+        "best_val_bpc_sd": statistics.stdev(bpc.values()) if len(bpc) > 1 else None,
+        "effective_context": _mean(r["context"].get("effective_context") for r in ok.values()),
+        "best_val_loss": _mean(r.get("best_val_loss") for r in res),
+        "window_val_loss": _mean(r.get("window_val_loss") for r in res),
+        "window": (first.get("window_protocol") or {}).get("window"),
+        "seconds_to_best": _mean(p.get("seconds") for p in best),
+        "tokens_to_best": _mean(p.get("tokens") for p in best),
+        "steps": _mean(r.get("steps") for r in res), "seeds": f"{len(ok)}/{len(seeds)}",
+        "startup_seconds": _mean(r.get("startup_seconds") for r in res),
+        "final_eval_seconds": _mean(r.get("final_eval_seconds") for r in res),
+        "context_seconds": _mean(r["context"].get("seconds") for r in ok.values()),
+        "protocol": (first.get("protocol") or {}).get("text", ""),
+        "status": "ok" if len(ok) == len(seeds) else "failed" if any(r["job"] for r in runs.values()) else "missing",
+        "error": next((r["job"].get("error", "") for r in runs.values() if r["job"]), ""),
+    }
+
+
 def leaderboard(out: Path, models: list[str], seeds: list[int]) -> list[dict]:
-    """One row per model from its runs' results.json and curve.json (mean over seeds), best bpc first."""
-    rows = []
-    for m in models:
-        runs = [tuple(_read(out / f"{m}-{s}" / f"{f}.json") for f in ("results", "curve", "job")) for s in seeds]
-        ok = [(r, c) for r, c, _ in runs if r.get("best_val_bpc") is not None]
-        best = [next((p for p in c.get("points", []) if p["step"] == r.get("best_step")), {}) for r, c in ok]
-        bpc, first = [r["best_val_bpc"] for r, _ in ok], ok[0][0] if ok else {}
-        rows.append({
-            "model": m, "params": first.get("params"), "tokens_per_s": _mean(r.get("tokens_per_s") for r, _ in ok),
-            "best_val_bpc": _mean(bpc), "best_val_bpc_sd": statistics.stdev(bpc) if len(bpc) > 1 else None,
-            "best_val_loss": _mean(r.get("best_val_loss") for r, _ in ok),
-            "window_val_loss": _mean(r.get("window_val_loss") for r, _ in ok),
-            "window": (first.get("window_protocol") or {}).get("window"),
-            "seconds_to_best": _mean(p.get("seconds") for p in best),
-            "tokens_to_best": _mean(p.get("tokens") for p in best),
-            "steps": _mean(r.get("steps") for r, _ in ok), "seeds": f"{len(ok)}/{len(seeds)}",
-            "protocol": (first.get("protocol") or {}).get("text", ""),
-            "status": "ok" if len(ok) == len(seeds) else "failed" if any(j for *_, j in runs) else "missing",
-            "error": next((j.get("error", "") for *_, j in runs if j), ""),
-        })
-    return sorted(rows, key=lambda r: (r["best_val_bpc"] is None, r["best_val_bpc"] or 0.0))
+    """Rows best mean val bpc first, each with its paired difference to the leader (the first row)."""
+    rows = sorted((run_row(out, m, seeds) for m in models),
+                  key=lambda r: (r["best_val_bpc"] is None, r["best_val_bpc"] or 0.0))
+    leader = rows[0] if rows and rows[0]["best_val_bpc"] is not None else None
+    for r in rows:
+        p = paired_difference(r["bpc_by_seed"], leader["bpc_by_seed"] if leader else {})
+        agrees = ("" if not p["n"] else "leader" if r is leader else ONE_SEED if p["n"] < 2
+                  else "yes" if p["agree"] else "no")
+        r.update({"vs_leader": p["mean"], "vs_leader_se": p["se"], "vs_leader_mark": "*" if p["mark"] else "",
+                  "paired_seeds": p["n"], "sign_agrees": agrees})
+    return rows
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -72,49 +119,79 @@ def machine() -> str:
     return f"{cpu or 'CPU'} ({os.cpu_count()} cores)"
 
 
+def vs_leader_cell(r: dict) -> str:
+    """'+0.0412 ± 0.0050 *', 'leader', 'n/a (1 seed)' or '' (no finished run)."""
+    if r["sign_agrees"] in ("", "leader", ONE_SEED):
+        return r["sign_agrees"]
+    return f"{r['vs_leader']:+.4f} ± {r['vs_leader_se']:.4f}" + (" *" if r["vs_leader_mark"] else "")
+
+
+def overhead_line(rows: list[dict]) -> str:
+    """Mean seconds per run outside the budget: start-up, the exact evaluation, the context curve."""
+    names = {"startup_seconds": "start-up", "final_eval_seconds": "exact evaluation",
+             "context_seconds": "context curve"}
+    said = [f"{name} {v:.1f} s" for k, name in names.items() if (v := _mean(r[k] for r in rows)) is not None]
+    return f"Outside the budget, per run on average: {', '.join(said)}.\n\n" if said else ""
+
+
 def markdown(rows: list[dict], cfg: DictConfig, seeds: list[int]) -> str:
-    """leaderboard.md: what was compared, on what machine and when, then the table."""
+    """leaderboard.md: what was compared, on what machine and when, then the table and its footnote."""
     b, sd = cfg.budget, len(seeds) > 1
-    budget = (f"{b.seconds} s of wall time per run (Lightning's max_time, validations included; LR flat after "
-              "warmup)" if b.seconds is not None else f"{b.tokens:,} training tokens per run")
-    text = (f"# charlm.compare\n\nBudget: {budget}. Recipes: `{Path(str(cfg.recipes)).stem}`. Seeds: "
-            f"{', '.join(map(str, seeds))}{' (mean ± sd)' if sd else ''}. {machine()}, torch {torch.__version__}, "
-            f"{time.strftime('%Y-%m-%d')}.\n\nval bpc: the best checkpoint on the yardstick (every val character "
-            "scored once, `protocol`); window loss: nanoGPT-style, random windows (length in brackets) from an empty "
-            "state; time to best: wall seconds (training and earlier validations) to the best weights.\n\n")
-    head = ["model", "params", "train tok/s", "val bpc" + (" ± sd" if sd else ""), "val loss (nats)",
-            "window loss (nats)", "s to best", "tokens to best", "steps"] + (["seeds"] if sd else []) + ["protocol"]
+    budget = (f"{b.seconds:g} s of wall time per run (validations included; the LR decays to its floor at the end)"
+              if b.seconds is not None else f"{b.tokens:,} training tokens per run")
+    text = (f"# charlm.compare\n\nBudget: {budget}, {b.evals} validations. Recipes: `{Path(str(cfg.recipes)).stem}`. "
+            f"Seeds: {', '.join(map(str, seeds))}{' (mean ± sd; paired: every model ran every seed)' if sd else ''}. "
+            f"{machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.\n\nval bpc: the best checkpoint on "
+            "the yardstick (every val character scored once, `protocol`); window loss: nanoGPT-style, random windows "
+            "(length in brackets) from an empty state; time to best: wall seconds (training and earlier validations) "
+            "to the best weights.\n\n" + overhead_line(rows))
+    head = ["model", "params", "train tok/s", "val bpc" + (" ± sd" if sd else ""), "Δ vs leader ± SE", "signs agree",
+            "effective context (chars)", "val loss (nats)", "window loss (nats)", "s to best", "tokens to best",
+            "steps"] + (["seeds"] if sd else []) + ["protocol"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         bpc = _fmt(r["best_val_bpc"]) + (f" ± {_fmt(r['best_val_bpc_sd'])}" if sd and r["best_val_bpc_sd"] else "")
         window = f"{_fmt(r['window_val_loss'])} ({r['window']})" if r["window_val_loss"] is not None else ""
-        cells = [r["model"], _fmt(r["params"]), _fmt(r["tokens_per_s"], 0), bpc or r["status"],
-                 _fmt(r["best_val_loss"]), window, _fmt(r["seconds_to_best"], 1), _fmt(r["tokens_to_best"], 0),
-                 _fmt(r["steps"], 0)] + ([r["seeds"]] if sd else []) + [r["protocol"]]
+        agree = r["sign_agrees"] if r["sign_agrees"] in (ONE_SEED, "yes", "no") else ""
+        cells = [r["model"], _fmt(r["params"]), _fmt(r["tokens_per_s"], 0), bpc or r["status"], vs_leader_cell(r),
+                 agree, _fmt(r["effective_context"], 0), _fmt(r["best_val_loss"]), window,
+                 _fmt(r["seconds_to_best"], 1), _fmt(r["tokens_to_best"], 0), _fmt(r["steps"], 0)] + \
+                ([r["seeds"]] if sd else []) + [r["protocol"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += [f"\n- {r['model']}: {r['status']}: {r['error']}" for r in rows if r["error"]]
-    return text + "\n".join(lines) + "\n"
+    return text + "\n".join(lines) + f"\n\n{FOOTNOTE}\n"
 
 
-def plot_curves(out: Path, models: list[str], seeds: list[int]) -> None:
-    """curves.png: val bpc against wall seconds and against training tokens, one colour per model."""
+def band(curves: list[list[dict]], x: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(x, mean, min, max) of val bpc over seeds, point i of every seed together (validations fall at the same
+    fractions of the budget); x is the seeds' mean at each point. Only the points every seed reached."""
+    n = min((len(c) for c in curves), default=0)
+    cols = [[c[i] for c in curves] for i in range(n)]
+    return ([statistics.fmean(p[x] for p in col) for col in cols],
+            [statistics.fmean(p["val_bpc"] for p in col) for col in cols],
+            [min(p["val_bpc"] for p in col) for col in cols], [max(p["val_bpc"] for p in col) for col in cols])
+
+
+def plot_curves(out: Path, models: list[str], seeds: list[int], x: str = "seconds") -> None:
+    """curves.png: each model's mean val bpc over seeds, with the min-max band, against wall seconds (or tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, m in enumerate(models):
-        for j, s in enumerate(seeds):
-            pts = [p for p in _read(out / f"{m}-{s}" / "curve.json").get("points", []) if p["val_bpc"] is not None]
-            for ax, x in zip(axes, ("seconds", "tokens")):
-                ax.plot([p[x] for p in pts], [p["val_bpc"] for p in pts], marker=".", color=f"C{i % 10}",
-                        linestyle="-" if i < 10 else "--", label=m if j == 0 else None)
-    for ax, label in zip(axes, ("wall seconds (training and validation)", "training tokens")):
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val bpc (in-training validation)")
-    axes[1].legend(fontsize=8)
+        curves = [[p for p in _read(out / f"{m}-{s}" / "curve.json").get("points", []) if p["val_bpc"] is not None]
+                  for s in seeds]
+        xs, mean, lo, hi = band([c for c in curves if c], x)
+        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
+        ax.plot(xs, mean, marker=".", label=m, **style)
+        ax.fill_between(xs, lo, hi, alpha=0.2, color=style["color"], linewidth=0)
+    ax.set_xlabel("wall seconds (training and validation)" if x == "seconds" else "training tokens")
+    ax.set_ylabel("val bpc (in-training validation)" + (f"; mean, min-max over {len(seeds)} seeds" if len(seeds) > 1
+                                                        else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(out / "curves.png", suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
@@ -125,9 +202,9 @@ def write_outputs(out: Path, cfg: DictConfig, models: list[str], seeds: list[int
     """leaderboard.csv, leaderboard.md and curves.png in `out`."""
     rows = leaderboard(out, models, seeds)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "leaderboard.csv", buf.getvalue())
     write_atomic(out / "leaderboard.md", markdown(rows, cfg, seeds))
-    plot_curves(out, models, seeds)
+    plot_curves(out, models, seeds, "seconds" if cfg.budget.seconds is not None else "tokens")

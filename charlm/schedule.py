@@ -6,9 +6,11 @@ step / max_steps in a step run (a tokens budget is a step run), Lightning's Time
 the floor exactly when the run stops.
 
 Warmup is declared once, in optimizer steps (`warmup_steps`), with the same meaning under every budget:
-the LR factor is multiplied by min(1, (step + 1) / warmup_steps). Adam's moments need steps, not seconds,
-to settle. The decay runs on progress from p = 0; with warmup a few percent of the run, the two overlap
-harmlessly.
+the LR factor is multiplied by min(1, max((step + 1) / warmup_steps, p / WARMUP_SHARE)). Adam's moments
+need steps, not seconds, to settle; but a run too short for its warmup still reaches the peak LR once
+WARMUP_SHARE (10%) of its budget is spent (a 12-step run warms up over its first step or two, not over
+100 steps it never takes). The decay runs on progress from p = 0; with warmup a few percent of the run,
+the two overlap harmlessly.
 
 Extension: resuming a run with a longer horizon (more steps, seconds or tokens than it was started with)
 continues from the LR where it was and decays it to the floor at the new end (cosine-shaped): the LR never
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch.optim.lr_scheduler import LambdaLR
+
+WARMUP_SHARE = 0.1  # warmup ends by this share of the budget, however many warmup_steps were asked for
 
 
 def _cos(t: float) -> float:
@@ -57,7 +61,7 @@ class ProgressSchedule:
         return self.floor + (e.factor - self.floor) * (_cos((p - e.at) / span) if span > 0 else 0.0)
 
     def factor(self, step: int, p: float) -> float:
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        warm = min(1.0, max((step + 1) / self.warmup_steps, p / WARMUP_SHARE)) if self.warmup_steps else 1.0
         return warm * self.decay(p)
 
     def extend(self, old_progress: float, new_progress: float) -> None:

@@ -103,6 +103,7 @@ class SampleTop:
     infill: Optional[str] = None
     mask_char: str = "_"
     device: str = "auto"
+    raw: bool = False
 
 
 @dataclass
@@ -160,6 +161,7 @@ def _nonneg(v):
     return v >= 0
 
 
+MAPPING_RULES = {"data.hf_splits"}  # RULES keys whose value is a mapping (the rest take plain values)
 RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "seed": (_nonneg, ">= 0"),
     "stop_at_step": (_pos, "> 0"),
@@ -202,6 +204,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "trainer.accumulate_grad_batches": (_pos, ">= 1"),
     "trainer.limit_val_batches": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                                   "a number >= 0 (or null)"),
+    "data.path": (lambda v: v != "???", "set: this corpus has no default file (data.path=FILE)"),
     "data.block_size": (_pos, "a positive integer"),
     "data.batch_size": (_pos, "a positive integer"),
     "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -210,6 +213,10 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.errors": (lambda v: v in ("strict", "replace"), "one of strict, replace"),
     "data.max_chars": (_pos, "a positive number of characters (or null: all)"),
     "data.column": (lambda v: isinstance(v, str) and v != "", "a column name"),
+    "data.hf_splits": (lambda v: v is None or (hasattr(v, "keys") and {"train", "val"} <= set(map(str, v.keys()))
+                                               <= {"train", "val", "test"}
+                                               and all(isinstance(x, str) and x for x in v.values())),
+                       "null, or {train: NAME, val: NAME} (test: NAME optional): the dataset's split names"),
     "optim.lr": (_pos, "> 0"),
     "optim.weight_decay": (_nonneg, ">= 0"),
     "optim.momentum": (_nonneg, ">= 0"),

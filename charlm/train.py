@@ -28,7 +28,7 @@ from charlm.errors import ConfigError
 from charlm.explain import explain_run
 from charlm.generate import generate
 from charlm.module import load_charlm
-from charlm.vocab import CharVocab
+from charlm.vocab import CharVocab, unit_label
 from charlm.yardstick import latch_warning, protocol, score_rows, stream_means, window_loss
 
 
@@ -140,6 +140,7 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
         "train_seconds": finite(seconds),
         "world_size": trainer.world_size,
         "vocab_size": len(built.dm.vocab),
+        "unit": built.dm.vocab.unit,
         "device": str(trainer.strategy.root_device),
         "precision": str(trainer.precision),
         "sampling": built.dm.sampling,
@@ -153,7 +154,7 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
 def report(results: dict, run_dir: Path) -> None:
     p = results["protocol"]
     print(f"\ncheckpoint: {results['best_ckpt']} (step {results['best_step']})")
-    print(f"val {results['best_val_loss']:.4f} nats, {results['best_val_bpc']:.4f} bits/char on the yardstick "
+    print(f"val {results['best_val_loss']:.4f} nats, {results['best_val_bpc']:.4f} {unit_label(results.get('unit', 'char'))} on the yardstick "
           f"({p['text']})")
     if results["window_val_loss"] is not None:
         print(f"nanoGPT-style: {results['window_val_loss']:.4f} nats (random {results['window_protocol']['window']}"

@@ -1,4 +1,8 @@
-"""CharVocab: Unicode code points <-> ids. Stored as plain data inside every checkpoint."""
+"""CharVocab: symbols <-> ids. Stored as plain data inside every checkpoint.
+
+A vocabulary has a unit: `char` (Unicode code points, the default) or `byte` (raw byte values; symbol b
+is held as the character chr(b), so ids, `stoi` and `chars` work the same in both units).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,12 @@ import numpy as np
 from charlm.errors import UnknownCharError
 
 UNKNOWN_POLICIES = ("error", "skip")
+UNITS = ("char", "byte")
+
+
+def unit_label(unit: str) -> str:
+    """How a bits-per-symbol figure reads in `unit`."""
+    return "bits per byte" if unit == "byte" else "bits/char"
 
 
 def _codepoints(text: str) -> np.ndarray:
@@ -15,13 +25,17 @@ def _codepoints(text: str) -> np.ndarray:
 
 
 class CharVocab:
-    """The sorted set of characters a model knows; id i is the i-th character."""
+    """The sorted set of symbols a model knows; id i is the i-th symbol (a character, or a byte value)."""
 
-    def __init__(self, chars: list[str] | str):
+    def __init__(self, chars: list[str] | str, unit: str = "char"):
         chars = sorted(set(chars))
         if not chars:
             raise ValueError("vocabulary is empty: the corpus has no characters")
-        self.chars = chars
+        if unit not in UNITS:
+            raise ValueError(f"unit={unit!r}: must be one of {UNITS}")
+        if unit == "byte" and ord(chars[-1]) > 255:
+            raise ValueError(f"a byte vocabulary holds byte values 0..255, not {chars[-1]!r}")
+        self.chars, self.unit = chars, unit
         self.stoi = {c: i for i, c in enumerate(chars)}
         self._points = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted, for searchsorted
 
@@ -34,7 +48,12 @@ class CharVocab:
         return len(self.chars)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharVocab) and self.chars == other.chars
+        return isinstance(other, CharVocab) and self.chars == other.chars and self.unit == other.unit
+
+    @property
+    def unit_label(self) -> str:
+        """How a bits-per-symbol figure reads in this vocabulary's unit."""
+        return unit_label(self.unit)
 
     @property
     def id_dtype(self) -> np.dtype:
@@ -68,13 +87,25 @@ class CharVocab:
         return self.encode_array(text, unknown).tolist()
 
     def decode(self, ids) -> str:
-        """Map ids back to text."""
+        """Map ids back to text (byte unit: one character chr(b) per byte; `to_bytes` gives the bytes)."""
         return "".join(self.chars[int(i)] for i in ids)
+
+    def text_ids(self, text: str, unknown: str = "error") -> list[int]:
+        """Ids of text a user typed (a prompt): its characters, or in byte unit its UTF-8 bytes."""
+        if self.unit == "byte":
+            text = text.encode("utf-8").decode("latin-1")  # one character per byte
+        return self.encode(text, unknown)
+
+    @staticmethod
+    def to_bytes(symbols: str) -> bytes:
+        """A byte-unit `decode` result as the bytes it stands for."""
+        return symbols.encode("latin-1")
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint (loads with `weights_only=True`)."""
-        return {"chars": "".join(self.chars)}
+        return {"chars": "".join(self.chars), "unit": self.unit}
 
     @classmethod
     def from_dict(cls, d: dict) -> CharVocab:
-        return cls(list(d["chars"]))
+        """The vocabulary of `to_dict` (checkpoints written before units existed are char unit)."""
+        return cls(list(d["chars"]), d.get("unit", "char"))

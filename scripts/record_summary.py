@@ -148,7 +148,7 @@ def recipe_budget(root: Path, name: str) -> str:
     path = root / "conf" / "experiment" / f"{name}.yaml"
     b = OmegaConf.load(path).get("budget") if path.exists() else None
     if b and b.get("seconds") is not None:
-        return f"{b.seconds:g} s"
+        return f"{b.seconds:g} s training"
     if b and b.get("tokens") is not None:
         return f"{b.tokens:,} tokens"
     return "-"

@@ -32,7 +32,9 @@ def train(tmp_path, *overrides, name="run") -> dict:
 
 def lrs(run_dir) -> list[float]:
     with open(run_dir / "csv" / "metrics.csv") as f:
-        return [float(r["lr-AdamW"]) for r in csv.DictReader(f) if r.get("lr-AdamW")]
+        rows = list(csv.DictReader(f))
+    key = min(k for k in rows[0] if k.startswith("lr-AdamW"))  # one column per param group: lr-AdamW[/pg1]
+    return [float(r[key]) for r in rows if r.get(key)]
 
 
 # ---- the schedules as functions of progress (values computed by hand) ------------------------------
@@ -42,6 +44,13 @@ def test_warmup_cosine_values():
     assert s.factor(0, 0.0) == pytest.approx(0.25)          # (0+1)/4 of the way up, no decay yet
     assert s.factor(10, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)  # cos(pi/2) = 0: halfway down
     assert s.factor(10, 1.0) == pytest.approx(0.1)           # the floor at the end
+
+
+def test_warmup_ends_by_a_tenth_of_a_short_run():
+    s = warmup_cosine(warmup_steps=100, min_lr_ratio=0.1)
+    assert s.factor(0, 0.0) == pytest.approx(0.01)                     # (0+1)/100: the step rule
+    assert s.factor(1, 1 / 20) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 20))))
+    assert s.factor(2, 2 / 20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 10)))  # warm at 10%
 
 
 def test_one_cycle_values():

@@ -16,7 +16,8 @@ def test_embedded_corpus_split_is_nanogpt():
     dm.setup()
     n = sum(len(s) for s in dm.splits.values())
     assert n == 1_115_394 and len(dm.vocab) == 65
-    assert len(dm.splits["val"]) == int(n * 0.1) and len(dm.splits["train"]) == n - int(n * 0.1)
+    # nanoGPT's prepare.py: train = data[:int(n * 0.9)], val the rest
+    assert len(dm.splits["train"]) == 1_003_854 and len(dm.splits["val"]) == 111_540
     with open(embedded_corpus(), encoding="utf-8") as f:
         text = f.read()
     assert dm.vocab.decode(dm.splits["val"][:50].tolist()) == text[n - len(dm.splits["val"]) :][:50]

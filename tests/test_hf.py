@@ -5,8 +5,6 @@ reads the dataset's own test split, and bad input is one line with exit status 2
 
 from __future__ import annotations
 
-import json
-
 import datasets
 import pytest
 from conftest import TINY, run_cli
@@ -165,7 +163,8 @@ def test_config_keys_are_typed_and_checked():
     from charlm.train import check_config
 
     cfg = cli.compose("train", [*QUICK, "data=hf", "data.dataset=some/name"])
-    assert cfg.data.name == "some/name" and cfg.data.column == "text" and cfg.data.hf_splits is None
+    assert cfg.data.dataset == "some/name" and cfg.data.column == "text" and cfg.data.hf_splits is None
+    assert HFDataModule(dataset="some/name").name == "some/name"  # messages name the hub id
     check_config(cfg)  # a well-formed hf config passes
     for override, message in (("data.max_chars=0", "data.max_chars=0: must be a positive number"),
                               ("data.max_chars=many", "data.max_chars=many: expected an integer or null"),

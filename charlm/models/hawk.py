@@ -3,10 +3,11 @@
 The Real-Gated Linear Recurrent Unit, with gates from the input only:
     r_t = sigmoid(W_a x_t + b_a),  i_t = sigmoid(W_x x_t + b_x),  a_t = a^(c r_t) with a = sigmoid(Λ), c = 8,
     h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t).
-log a_t = -c softplus(-Λ) r_t is computed directly (the issue's exp(-c softplus(Λ) r_t) with Λ negated).
+log a_t = -c softplus(-Λ) r_t is computed directly (the paper's exp(-c softplus(Λ) r_t) with Λ negated).
 The gradient through time is the product of the a_t in between, which Λ starts close to 1: the
 model begins with long memory and learns where to forget (r_t -> 1). sqrt(1 - a_t^2) keeps h at the
-scale of its inputs however long it remembers. Training uses `scan.linear_scan`; sampling one step.
+scale of its inputs however long it remembers. Training and sampling both use `scan.linear_scan`
+(one step of it when sampling).
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ class RGLRU(nn.Module):
         b = scale * (i * x)                                   # (B, T, W)
         if probe is not None:
             probe.append(log_a.exp().mean(-1))  # (B, T)
-        if x.shape[1] == 1:  # sampling: one step of the recurrence
-            return b if h0 is None else log_a.exp() * h0.unsqueeze(1) + b
-        return linear_scan(log_a, b, h0)                      # (B, T, W)
+        return linear_scan(log_a, b, h0)                      # (B, T, W); one step when sampling
 
 
 class RecurrentBlock(nn.Module):

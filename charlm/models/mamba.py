@@ -64,10 +64,7 @@ class SelectiveSSM(nn.Module):
             dt_s, u_s = dt[:, s : s + SSM_BLOCK], u[:, s : s + SSM_BLOCK]             # (B, S, E)
             log_a = dt_s.unsqueeze(-1) * A                     # (B, S, E, N) Δ A <= 0
             b = (dt_s * u_s).unsqueeze(-1) * Bt[:, s : s + SSM_BLOCK].unsqueeze(2)  # (B, S, E, N) Δ B u
-            if log_a.shape[1] == 1:  # sampling: one step of the recurrence
-                hs = b if h is None else log_a.exp() * h.unsqueeze(1) + b
-            else:
-                hs = linear_scan(log_a, b, h)                  # (B, S, E, N)
+            hs = linear_scan(log_a, b, h)                      # (B, S, E, N); one step when sampling
             ys.append(torch.einsum("bten,btn->bte", hs, Ct[:, s : s + SSM_BLOCK]))  # (B, S, E)
             h = hs[:, -1]
         y = torch.cat(ys, 1) + self.D * u                      # (B, T, E)

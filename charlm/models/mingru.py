@@ -2,7 +2,8 @@
 
 The GRU loses its dependence on h_{t-1} in the gate and the candidate:
     z_t = sigmoid(W_z x_t),  h~_t = g(W_h x_t),  h_t = (1 - z_t) * h_{t-1} + z_t * h~_t,
-so the recurrence is linear in h and runs as a parallel log-space scan (`scan.log_scan`). The gradient
+so the recurrence is linear in h and runs as a parallel scan (`scan.positive_scan`: the plain multiply-add
+scan on a CPU, the log-space one on a GPU). The gradient
 from h_t back to h_s is the product of the (1 - z) in between: no tanh derivative, no weight matrix,
 and a layer that keeps 1 - z near 1 carries it far. g keeps h~ positive so that h has a logarithm.
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.models.layers import ScanLM, check_dropout, check_positive
-from charlm.models.scan import log_g, log_scan
+from charlm.models.scan import log_g, positive_scan
 
 
 class MinLogCell(nn.Module):
@@ -41,11 +42,7 @@ class MinLogCell(nn.Module):
         log_keep, log_in = self.log_gates(x)                  # (B, T, E) each
         if probe is not None:
             probe.append(log_keep.exp().mean(-1))  # (B, T)
-        if x.shape[1] == 1:  # sampling: one step of the recurrence, no scan
-            log_h = log_in if log_h0 is None else torch.logaddexp(log_keep + log_h0.unsqueeze(1), log_in)
-        else:
-            log_h = log_scan(log_keep, log_in, log_h0)        # (B, T, E)
-        return log_h.exp(), log_h[:, -1].clone()              # (B, T, E), (B, E)
+        return positive_scan(log_keep, log_in, log_h0)        # (B, T, E), (B, E)
 
 
 class MinGRUCell(MinLogCell):

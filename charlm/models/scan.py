@@ -61,6 +61,8 @@ def log_scan(
         raise ValueError(f"log_scan method={method!r}: must be 'heinsen' or 'chunked'")
     dtype = torch.promote_types(log_a.dtype, log_b.dtype)  # one dtype for the in-place steps, also under autocast
     log_a, log_b = log_a.to(dtype), log_b.to(dtype)
+    if log_b.shape[1] == 1 and log_h0 is not None:  # one step from a carried state (sampling): no scan
+        return torch.logaddexp(log_a + log_h0.to(dtype).unsqueeze(1), log_b)
     if log_h0 is None:
         return _LogScan.apply(log_a, log_b, method)
     return _LogScan.apply(log_a, log_b, method, log_h0.to(dtype))
@@ -104,55 +106,69 @@ class _LogScan(torch.autograd.Function):
         log_a, log_b, log_h, log_h0 = ctx.saved_tensors
         first = torch.full_like(log_h[:, :1], -math.inf) if log_h0 is None else log_h0.unsqueeze(1)
         w = torch.exp(log_a + torch.cat([first, log_h[:, :-1]], 1) - log_h)            # (B, T, ...) w_t
-        w_next = torch.cat([w[:, 1:], torch.zeros_like(w[:, :1])], 1)                  # (B, T, ...) w_{t+1}
-        G = chunked_scan(w_next, grad.contiguous(), torch.zeros_like(log_h[:, 0]), reverse=True)  # (B, T, ...)
+        G = reverse_gradient(w, grad)                                                  # (B, T, ...)
         g_h0 = None if log_h0 is None else G[:, 0] * w[:, 0]
         return G * w, G * torch.exp(log_b - log_h), None, g_h0
 
 
 def chunked_scan(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, reverse: bool = False, log_space: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h_t = a_t * h_{t-1} + b_t without autograd, in about 3 sqrt(T) vectorised steps instead of T.
     reverse: h_t = a_t * h_{t+1} + b_t, from the end. log_space: a, b, h0 and h are logs (b > 0).
+    out: where to write h (B, T, ...), a new tensor when None; it may be b itself.
 
-    The T steps are cut into n chunks of C. Pass 1 runs the recurrence from 0 through every chunk at
-    once (C steps over (B, n, ...)), keeping only each chunk's end value and product of gates; these
-    carry the state from chunk to chunk (n steps); pass 2 reruns every chunk from its true starting
-    state, writing h. Each step is the loop's own arithmetic, and a, b are read twice, h written once.
+    The first n C of the T steps are cut into n chunks of C = ceil(sqrt(T)). Pass 1 runs the recurrence
+    from 0 through every chunk at once (C steps over (B, n, ...)), keeping only each chunk's end value
+    and product of gates; these carry the state from chunk to chunk (n steps); pass 2 reruns every chunk
+    from its true starting state, writing h. The T - n C < C steps left over run one by one after the
+    chunks (before them when reverse). Each step is the loop's own arithmetic; nothing is copied.
     """
     B, T = b.shape[:2]
-    C = math.isqrt(T - 1) + 1 if T > 1 else 1                       # ceil(sqrt(T))
-    n = -(-T // C)
-    pad = n * C - T
-    if pad:  # a = 1, b = 0 past the end: they pass the state through unchanged
-        one, zero = (0.0, -math.inf) if log_space else (1.0, 0.0)
-        a = torch.cat([a, a.new_full((B, pad, *a.shape[2:]), one)], 1)
-        b = torch.cat([b, b.new_full((B, pad, *b.shape[2:]), zero)], 1)
-    a = a.reshape(B, n, C, *a.shape[2:])                             # (B, n, C, ...)
-    b = b.reshape(B, n, C, *b.shape[2:])                             # (B, n, C, ...)
-    steps, chunks = (range(C - 1, -1, -1), range(n - 1, -1, -1)) if reverse else (range(C), range(n))
+    out = torch.empty_like(b) if out is None else out
 
     def step(a_t, h, b_t, out=None):  # a_t * h + b_t
         if log_space:
             return torch.logaddexp(a_t + h, b_t, out=out)
         return torch.addcmul(b_t, a_t, h, out=out)
 
-    first = steps[0]
-    acc, prod = b[:, :, first], a[:, :, first]                       # (B, n, ...) each
-    for t in steps[1:]:
-        acc = step(a[:, :, t], acc, b[:, :, t])
-        prod = prod + a[:, :, t] if log_space else prod * a[:, :, t]
-    starts = torch.empty_like(acc)                                    # (B, n, ...)
+    C = math.isqrt(T - 1) + 1 if T > 1 else 1                        # ceil(sqrt(T))
+    n = T // C
+    rest = range(n * C, T)                                           # the short last chunk
     h = h0
+    for t in reversed(rest) if reverse else ():
+        h = step(a[:, t], h, b[:, t], out=out[:, t])
+    chunked = (B, n, C, *b.shape[2:])
+    ac = a[:, : n * C].reshape(chunked)                              # (B, n, C, ...)
+    bc = b[:, : n * C].reshape(chunked)                              # (B, n, C, ...)
+    oc = out[:, : n * C].view(chunked)                               # (B, n, C, ...)
+    steps, chunks = (range(C - 1, -1, -1), range(n - 1, -1, -1)) if reverse else (range(C), range(n))
+    acc, prod = bc[:, :, steps[0]], ac[:, :, steps[0]]               # (B, n, ...) each
+    for t in steps[1:]:
+        acc = step(ac[:, :, t], acc, bc[:, :, t])
+        prod = prod + ac[:, :, t] if log_space else prod * ac[:, :, t]
+    starts = torch.empty_like(acc)                                   # (B, n, ...)
     for j in chunks:
         starts[:, j] = h
         h = step(prod[:, j], h, acc[:, j])
-    out = torch.empty_like(b)                                         # (B, n, C, ...)
     h = starts
     for t in steps:
-        h = step(a[:, :, t], h, b[:, :, t], out=out[:, :, t])
-    return out.reshape(B, n * C, *out.shape[3:])[:, :T]              # (B, T, ...)
+        h = step(ac[:, :, t], h, bc[:, :, t], out=oc[:, :, t])
+    h = out[:, n * C - 1]
+    for t in () if reverse else rest:
+        h = step(a[:, t], h, b[:, t], out=out[:, t])
+    return out                                                       # (B, T, ...)
+
+
+def reverse_gradient(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """G_t = grad_t + a_{t+1} G_{t+1} (G_T = grad_T), the gradient flowing back through h_t = a_t h_{t-1} + ...;
+    a, grad (B, T, ...) -> G (B, T, ...), without autograd."""
+    G = torch.empty_like(grad)
+    G[:, -1] = grad[:, -1]
+    if grad.shape[1] > 1:  # a_{t+1} and grad_t for t < T: views, shifted by one
+        chunked_scan(a[:, 1:], grad[:, :-1], G[:, -1], reverse=True, out=G[:, :-1])
+    return G
 
 
 class _LinearScan(torch.autograd.Function):
@@ -170,8 +186,7 @@ class _LinearScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
         a, h0, h = ctx.saved_tensors
-        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)                    # (B, T, ...) a_{t+1}
-        g_ = chunked_scan(a_next, grad_h.contiguous(), torch.zeros_like(h0), reverse=True)  # (B, T, ...)
+        g_ = reverse_gradient(a, grad_h)                                                 # (B, T, ...)
         grad_a = torch.empty_like(g_)                                                    # (B, T, ...)
         torch.mul(g_[:, 1:], h[:, :-1], out=grad_a[:, 1:])
         torch.mul(g_[:, 0], h0, out=grad_a[:, 0])
@@ -182,6 +197,26 @@ def linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
     """h for h_t = a_t * h_{t-1} + b_t with a_t = exp(log_a) in (0, 1] and real b_t; log_a, b (B, T, ...),
     h0 (B, ...) (None: zeros). Stable in float32 for any decay; differentiable (once) in all three."""
     dtype = torch.promote_types(log_a.dtype, b.dtype)  # one dtype for the in-place steps, also under autocast
+    if b.shape[1] == 1 and h0 is not None:  # one step from a carried state (sampling): no scan
+        return torch.addcmul(b.to(dtype), log_a.to(dtype).exp(), h0.to(dtype).unsqueeze(1))
     log_a, b = torch.broadcast_tensors(log_a.to(dtype), b.to(dtype))
     h0 = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(dtype)
     return _LinearScan.apply(log_a.exp().contiguous(), b.contiguous(), h0.contiguous())
+
+
+def positive_scan(
+    log_a: torch.Tensor, log_b: torch.Tensor, log_h0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (B, T, ...), log h_T (B, ...)) for h_t = a_t * h_{t-1} + b_t with a_t in (0, 1) and b_t > 0
+    given as logs, log_h0 (B, ...) the log state before the first step (None: h_0 = 0).
+
+    Chosen by the input's device at call time. On a CPU, `linear_scan` on a_t and b_t themselves: with
+    gates below 1 and positive inputs h stays positive and below max(h_0, b / (1 - a)), so the plain
+    multiply-add cannot overflow, and it is several times cheaper there than logaddexp. Elsewhere
+    (a GPU), the log-space `log_scan`, whose logcumsumexp is one kernel.
+    """
+    if log_a.device.type == "cpu":
+        h = linear_scan(log_a, log_b.exp(), None if log_h0 is None else log_h0.exp())  # (B, T, ...)
+        return h, h[:, -1].log()
+    log_h = log_scan(log_a, log_b, log_h0)                                          # (B, T, ...)
+    return log_h.exp(), log_h[:, -1].clone()
