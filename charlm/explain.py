@@ -101,8 +101,14 @@ def source_text(cfg: DictConfig) -> tuple[str, str]:
             raise ConfigError(f"text: {len(text):,} characters; a page holds at most {MAX_CHARS:,}")
         text = text[cfg.start : cfg.start + cfg.n_chars]
     else:
-        corpus_vocab, ids = encode_corpus(cfg.data.path, cfg.data.get("errors", "strict"))
-        ids = ids[split_slice(len(ids), cfg.split, cfg.data.val_fraction, cfg.data.get("test_fraction", 0.0))]
+        path, own_splits = cfg.data.get("path"), None
+        if str(cfg.data.get("_target_", "")).startswith("charlm.hf."):  # a Hugging Face dataset's joined text
+            from charlm.hf import corpus_source  # brings Lightning (charlm.data): only for such a corpus
+
+            path, own_splits = corpus_source(cfg.data)
+        corpus_vocab, ids = encode_corpus(path, cfg.data.get("errors", "strict"), cfg.data.get("unit", "char"))
+        ids = ids[own_splits[cfg.split] if own_splits and cfg.split in own_splits else
+                  split_slice(len(ids), cfg.split, cfg.data.val_fraction, cfg.data.get("test_fraction", 0.0))]
         where = f"{cfg.data.path or cfg.data.get('name', 'corpus')} ({cfg.split})"
         text = corpus_vocab.decode(ids[cfg.start : cfg.start + cfg.n_chars].tolist())
     if len(text) < 2:

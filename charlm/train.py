@@ -68,13 +68,13 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def evaluate_best(built: Built, best_path: str, cfg: DictConfig) -> dict:
-    """The best checkpoint on the yardstick (exact, whole val split or eval.max_chars) and the
-    nanoGPT-style window figure; the model that produced them."""
+    """The best checkpoint on the yardstick (exact, over the whole val split: eval.max_chars bounds only the
+    validations during training) and the nanoGPT-style window figure; the model that produced them."""
     t0 = time.perf_counter()
     best = load_charlm(best_path)
     device = built.module.device
     model = best.model.to(device).eval()
-    batches = built.dm.eval_dataset("val")
+    batches = built.dm.eval_dataset("val", whole=True)
     rows, counts = score_rows(model, batches, device)
     total, chars = float(rows.sum()), int(counts.sum())
     loss = total / max(chars, 1)
@@ -84,7 +84,7 @@ def evaluate_best(built: Built, best_path: str, cfg: DictConfig) -> dict:
            "stream_losses": stream_means(batches, rows, counts)}
     if cfg.eval.window_batches:
         window = min(cfg.eval.window, c["context_size"] or cfg.eval.window)
-        out["window"] = window_loss(model, built.dm.eval_ids("val"), window, cfg.eval.window_batches,
+        out["window"] = window_loss(model, built.dm.eval_ids("val", whole=True), window, cfg.eval.window_batches,
                                     seed=cfg.seed, device=device)
     out["seconds"] = time.perf_counter() - t0
     return out

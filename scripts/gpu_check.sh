@@ -109,7 +109,7 @@ bench_cmd() {  # the command of `make bench ARGS="$*"` (make itself when it is h
 
 part1() {
   # a module that fails to import is reported, and the gpu tests elsewhere still run
-  step tests-gpu 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+  step tests-gpu 180 "$PY" -m pytest -o addopts= -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
     --junitxml "$DIR/tests-gpu.xml"
   local left=$(( BUDGET - ($(date +%s) - START) ))
   if [ "$DRY" = 1 ]; then

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "disabled"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one thread each for in-process math
+    torch.set_num_threads(1)
 
 # Overrides that make any training run take seconds on a CPU.
 TINY = [

@@ -23,6 +23,7 @@ def positive(d: dict, keys: list[str], where: str) -> None:
         assert isinstance(d.get(k), (int, float)) and math.isfinite(d[k]) and d[k] > 0, f"{where}.{k}={d.get(k)}"
 
 
+@pytest.mark.slow  # a benchmark's smoke run: minutes of two modes and a scan table; make test-all runs it
 def test_bench_writes_results_for_both_modes(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "tiny", "--steps", "3",
            "--models", "rnn,transformer", "--modes", "random,stream", "--sample-chars", "20", "--encode-mb", "1",

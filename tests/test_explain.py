@@ -209,3 +209,11 @@ def test_train_writes_the_page_into_the_run_folder(tmp_path):
             f"hydra.run.dir={tmp_path}")
     html = (tmp_path / "explain.html").read_text()
     assert len(_page_data(html)["text"]) == 120 and (tmp_path / "explain.png").stat().st_size > 0
+
+
+def test_explain_imports_no_lightning():
+    import subprocess
+    import sys
+
+    code = "import sys, charlm.explain; sys.exit('lightning' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # it runs where only torch is installed

@@ -21,7 +21,7 @@ def losses(run_dir) -> dict[int, str]:
         return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-@pytest.mark.parametrize("sampling", ["random", "stream"])
+@pytest.mark.parametrize("sampling", ["random", pytest.param("stream", marks=pytest.mark.slow)])  # the same resume path
 def test_stop_and_resume_matches_straight_run(tmp_path, sampling):
     args = [*TINY, *STEPS, f"data.sampling={sampling}"]
     run_cli("charlm.train", *args, f"hydra.run.dir={tmp_path / 'straight'}")

@@ -41,6 +41,7 @@ def test_multirun_summary_reports_a_failed_job(tmp_path):
     assert "| job | status | best_val_bpc |" in md and "| failed |" in md
 
 
+@pytest.mark.slow  # W&B grouping of multirun jobs; the multirun itself is covered by the summary test
 def test_each_job_has_its_own_wandb_run_even_after_a_failure(tmp_path):
     # lr=1e4 diverges at step 1 (after its W&B run started); the next job must not log into that run
     run_cli("charlm.train", "-m", *tiny("logger"), "logger=wandb", "optim.lr=1e4,3e-3", f"hydra.sweep.dir={tmp_path}",
