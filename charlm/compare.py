@@ -37,7 +37,7 @@ from charlm.errors import ConfigError
 from charlm.leaderboard import _read, write_outputs
 from charlm.train import check_config, finite, pick_trainer, run
 
-KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "hydra"}  # compare's own
+KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "context_seeds", "hydra"}  # compare's own
 
 
 @dataclass
@@ -59,6 +59,7 @@ class CompareTop:
     overrides: List[str] = field(default_factory=list)
     context: bool = True
     context_positions: int = 2000
+    context_seeds: int = 1
 
 
 def _key(arg: str) -> str:
@@ -150,6 +151,8 @@ def selection(cfg: DictConfig) -> tuple[dict, list[str], list[int]]:
             raise ConfigError(f"budget.{key}={b[key]}: must be >= 1")
     if cfg.context_positions < 1:
         raise ConfigError(f"context_positions={cfg.context_positions}: must be >= 1")
+    if cfg.context_seeds < 1:
+        raise ConfigError(f"context_seeds={cfg.context_seeds}: must be >= 1")
     recipes = load_recipes(str(cfg.recipes))
     known = known_models(recipes)
     models, seeds = list(cfg.models or []) or known, list(cfg.seeds)
@@ -266,10 +269,43 @@ def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool
     record = {k: (finite(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
               for k, v in use.items() if k in ("effective_context", "full_context_loss")}
     record.update(positions=positions, checkpoint=best.name, seconds=round(seconds, 3),
-                  context_use=use.get("context_use"))
+                  context_use=use.get("context_use"), chars_per_word=chars_per_word(ids, vocab))
     write_json(folder / "context.json", record)
     print(f"charlm.compare: {folder.name}: effective context {record.get('effective_context')} chars "
           f"({positions} positions, {seconds:.1f} s)")
+    return True
+
+
+def chars_per_word(ids: torch.Tensor, vocab) -> float:
+    """Characters per whitespace-separated word of a split: turns the claims made in words into characters."""
+    text = vocab.decode(ids.tolist())
+    return len(text) / max(1, len(text.split()))
+
+
+def context_report(out: Path, models: list[str], seeds: list[int]) -> bool:
+    """DIR/context.png and DIR/context.md: each model's context curve (the first seed that has one) and a line
+    per published claim, agrees or not and why (charlm.studies.context). False when no run measured one."""
+    from charlm.atomic import write_atomic
+    from charlm.studies.context import THRESHOLD, effective_context, markdown, plot_context
+
+    curves, per_word = {}, None
+    for m in models:
+        for s in seeds:
+            c = _read(out / f"{m}-{s}" / "context.json")
+            if not (c.get("context_use") and c.get("full_context_loss")):
+                continue
+            curve = {int(k): float(v) for k, v in c["context_use"].items()}
+            k_eff, above = effective_context(curve, c["full_context_loss"])
+            curves[m] = {"context_use": curve, "full_context_loss": c["full_context_loss"], "effective_context": k_eff,
+                         "above_grid": above, "threshold": THRESHOLD, "positions": c.get("positions", 0),
+                         "grid": sorted(curve)}
+            per_word = per_word or c.get("chars_per_word")
+            break
+    if not curves:
+        return False
+    plot_context(curves, out / "context.png")
+    lines = markdown(curves, per_word or 5.5)  # 5.5: English text's characters per word, when none was recorded
+    write_atomic(out / "context.md", "\n".join(lines) + "\n")
     return True
 
 
@@ -299,13 +335,16 @@ def compare(cfg: DictConfig) -> None:
             if not train_entry(cfg, folder, m, overrides, train_cfg):
                 failed += 1
                 continue
-        if cfg.context and not (folder / "context.json").exists():
+        measured = s in list(seeds)[: int(cfg.context_seeds)]  # the curve costs ~30-90 s a run on a CPU
+        if cfg.context and measured and not (folder / "context.json").exists():
             measure_context(folder, train_cfg, int(cfg.context_positions))
     with open_dict(cfg):
         cfg.recipes = str(recipe_path(str(cfg.recipes)))  # the leaderboard names the recipes actually used
     write_outputs(out, cfg, models, seeds)
+    context = context_report(out, models, seeds)
     print("\n" + (out / "leaderboard.md").read_text())
-    print(f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'curves.png'}")
+    print(f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'curves.png'}"
+          + (f", {out / 'context.png'}, {out / 'context.md'}" if context else ""))
     if failed:
         print(f"error: {failed} of {len(plans)} runs failed (see the leaderboard)", file=sys.stderr)
         sys.exit(1)

@@ -260,10 +260,12 @@ def table(res: dict) -> str:
                   "|---" * 5 + "|"]
         lines += [f"| {s['what']} | {s['shape']} | {s['parallel_ms']:.2f} | {s['loop_ms']:.2f} | {s['speedup']:.1f}x |"
                   for s in res["scans"]]
-    if d := res.get("data"):
-        lines += ["", f"Data: a {d['mb']:g} MB corpus through CharDataModule.prepare() in {d['encode_s']:.2f} s "
-                  f"({d['mb_per_s']:.1f} MB/s, peak RSS +{d['rss_growth_mb']:.0f} MB); prepared again in "
-                  f"{d['prepare_again_s']:.2f} s; ids memory-mapped: {'yes' if d['memory_mapped'] else 'no'}."]
+    for key, unit in (("data", "characters"), ("data_bytes", "bytes (data.unit=byte)")):
+        if d := res.get(key):
+            lines += ["", f"Data, as {unit}: a {d['mb']:g} MB corpus through CharDataModule.prepare() in "
+                      f"{d['encode_s']:.2f} s ({d['mb_per_s']:.1f} MB/s, peak RSS {d['peak_rss_mb']:.0f} MB, "
+                      f"+{d['rss_growth_mb']:.0f} MB); prepared again in {d['prepare_again_s']:.2f} s; ids "
+                      f"memory-mapped: {'yes' if d['memory_mapped'] else 'no'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +374,10 @@ def main() -> None:
                     left -= f.write(raw[:left])
             cold = {"CHARLM_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf")}
             res["data"] = run_child("encode", {"name": "corpus", "corpus": str(corpus), "mb": a.encode_mb}, work, cold)
+            write(res, out)
+            cold = {**cold, "CHARLM_CACHE": str(work / "cache-bytes")}  # a cold cache for the byte unit too
+            res["data_bytes"] = run_child("encode", {"name": "corpus", "corpus": str(corpus), "mb": a.encode_mb,
+                                                     "unit": "byte"}, work, cold)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if previous is not None and (change := largest_change(previous, res)):

@@ -211,13 +211,14 @@ def child_encode(spec: dict) -> dict:
 
     from charlm.data import CharDataModule
 
+    unit = spec.get("unit", "char")  # byte: raw bytes (data.unit=byte, the enwik8 protocol)
     rss0, t0 = rss_mb(), time.perf_counter()
-    CharDataModule(path=spec["corpus"]).prepare()
+    CharDataModule(path=spec["corpus"], unit=unit).prepare()
     cold, mem = time.perf_counter() - t0, memory(rss0, cuda=False)
     t0 = time.perf_counter()
-    (dm := CharDataModule(path=spec["corpus"])).prepare()
+    (dm := CharDataModule(path=spec["corpus"], unit=unit)).prepare()
     warm, ids_file = time.perf_counter() - t0, mapped_file(dm.splits["train"].data_ptr())
-    return {"mb": spec["mb"], "encode_s": cold, "mb_per_s": spec["mb"] / cold, "prepare_again_s": warm, **mem,
+    return {"mb": spec["mb"], "unit": unit, "encode_s": cold, "mb_per_s": spec["mb"] / cold, "prepare_again_s": warm, **mem,
             "memory_mapped": ids_file is not None, "ids_file": ids_file and Path(ids_file).name,
             "ids_dtype": str(dm.splits["train"].dtype)}
 

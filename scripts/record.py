@@ -97,7 +97,9 @@ def collect(part: str, rec: Path) -> None:
         for name in BUDGET_RECIPES:
             shutil.copy2(runs / name / "results.json", dest / f"{name}.json")
     elif part == "compare":
-        for f in ("leaderboard.md", "leaderboard.csv", "curves.png"):
+        for f in ("leaderboard.md", "leaderboard.csv", "curves.png", "context.png", "context.md"):
+            if f.startswith("context.") and not (runs / "compare" / f).exists():  # only when contexts were measured
+                continue
             shutil.copy2(runs / "compare" / f, dest / f)
 
 

@@ -220,3 +220,24 @@ def test_the_default_folder_is_the_same_for_the_same_command():
         "recipes=cpu", "model.dropout=0.1", "budget.seconds=45")
     cfg = compose("compare", ["budget.seconds=45", "hydra.run.dir=/x"], return_hydra_config=True)
     assert default_dir(cfg, ["a"]) == ["a"]  # a folder the command names is kept
+
+
+def test_context_report_draws_each_model_and_checks_the_claims(tmp_path):
+    from charlm.compare import context_report
+
+    out = tmp_path / "cmp"
+    runs = {"rnn": {1: 3.0, 2: 2.5, 4: 2.2, 8: 2.01, 16: 2.0}, "lstm": {1: 3.0, 2: 2.6, 4: 2.3, 8: 2.1, 16: 2.015}}
+    for m, curve in runs.items():
+        (out / f"{m}-1").mkdir(parents=True)
+        (out / f"{m}-1" / "context.json").write_text(json.dumps(
+            {"context_use": {str(k): v for k, v in curve.items()}, "full_context_loss": 2.0, "positions": 100,
+             "chars_per_word": 5.0}))
+    assert context_report(out, ["rnn", "lstm", "gru"], [1, 2])      # gru has no run: left out
+    md = (out / "context.md").read_text()
+    # within 1% of 2.0 means <= 2.02: the rnn gets there at k=8, the lstm at k=16
+    assert "- rnn: full context 2.0000 nats, k=1 3.0000, effective context 8 chars (100 positions)." in md
+    assert "- lstm: full context 2.0000 nats, k=1 3.0000, effective context 16 chars (100 positions)." in md
+    assert "a vanilla RNN about 7\": measured 8 chars within 1% of full context: agrees" in md
+    assert "an LSTM keeps about 100 steps\": measured 16 chars within 1% of full context: disagrees (shorter)" in md
+    assert (out / "context.png").stat().st_size > 0
+    assert not context_report(tmp_path / "none", ["rnn"], [1])

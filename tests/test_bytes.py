@@ -1,0 +1,140 @@
+"""Byte-level corpora (data.unit=byte) and the enwik8/text8 protocol: exact contiguous splits, raw bytes in
+(NUL bytes too), a byte vocabulary of at most 256, train/sample/evaluate/resume in byte unit, bits per byte
+on a hand-computed case, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_cli
+
+from charlm.cli import compose
+from charlm.corpus import encode_corpus
+from charlm.data import CharDataModule
+from charlm.evaluate import evaluate
+from charlm.models.contract import build_model
+from charlm.vocab import CharVocab
+
+# enwik8-shaped: XML with multi-byte UTF-8 (é: 2 bytes, 日本: 3 each, 🙂: 4) and CRLF, which bytes keep as is
+PAGE = ("<page>\n  <title>Café 日本 🙂</title>\r\n  <text xml:space=\"preserve\">'''Anarchism''' is a "
+        "[[political philosophy]] &amp; movement; naïve ¿qué? 1.5 €</text>\n</page>\n")
+TINY_RUN = ["trainer=cpu", "logger=none", "trainer.val_check_interval=5", "data.batch_size=4", "data.block_size=16",
+            "model.hidden_dim=16", "model.embed_dim=8", "eval.chunk=256", "eval.window_batches=1",
+            "sample.n_chars=10", "budget.seconds=null"]
+
+
+@pytest.fixture(scope="module")
+def enwik8_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bytes") / "enwik8_small"
+    path.write_bytes(PAGE.encode("utf-8") * 40)
+    return path
+
+
+def test_raw_bytes_in_nothing_decoded_nul_allowed(tmp_path):
+    raw = bytes(range(256)) + b"\x00\x00\r\n\r" + "é".encode()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(raw)
+    vocab, ids = encode_corpus(str(path), unit="byte")
+    assert vocab.unit == "byte" and len(vocab) == 256                     # every byte value once, no more
+    assert vocab.to_bytes(vocab.decode(ids.tolist())) == raw               # the file's bytes, \r\n untranslated
+    again_vocab, again = encode_corpus(str(path), unit="byte")             # the cached copy: the same ids
+    assert again_vocab == vocab and torch.equal(again, ids)
+    (tmp_path / "t.txt").write_bytes("é\r\n".encode())
+    _, chars = encode_corpus(str(tmp_path / "t.txt"))
+    assert len(chars) == 2                                                 # char unit: é and one \n
+
+
+def test_enwik8_split_is_exact_contiguous_and_noted(enwik8_file, capsys):
+    data = compose("train", ["data=enwik8", f"data.path={enwik8_file}", "data.block_size=16"]).data
+    dm = CharDataModule(**{k: v for k, v in data.items() if k != "_target_"})
+    dm.prepare()
+    n = enwik8_file.stat().st_size                                         # bytes, not characters
+    assert len(dm.vocab) <= 256 and dm.vocab.unit == "byte"
+    train, val, test = (len(dm.splits[s]) for s in ("train", "val", "test"))
+    assert train == int(n * 9 / 10) and train + val == int(n * 19 / 20) and train + val + test == n
+    whole = torch.cat([dm.splits[s] for s in ("train", "val", "test")])
+    assert dm.vocab.to_bytes(dm.vocab.decode(whole.tolist())) == enwik8_file.read_bytes()
+    assert f"this enwik8 file has {n:,} bytes, not the protocol's 100,000,000" in capsys.readouterr().out
+
+
+def test_text8_has_27_characters(tmp_path):
+    path = tmp_path / "text8_small"
+    path.write_text(" anarchism originated as a term of abuse first used against early working class radicals"
+                    " the quick brown fox jumps over the lazy dog" * 30)
+    data = compose("train", ["data=text8", f"data.path={path}", "data.block_size=16"]).data
+    dm = CharDataModule(**{k: v for k, v in data.items() if k != "_target_"})
+    dm.prepare()
+    assert dm.vocab.unit == "char" and dm.vocab.chars == [" "] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary(enwik8_file, tmp_path):
+    vocab, _ = encode_corpus(str(enwik8_file), unit="byte")
+    cfg = compose("train", ["model.hidden_dim=8", "model.embed_dim=4"])
+    model_cfg = {k: v for k, v in dict(cfg.model).items()}
+    model = build_model(model_cfg, len(vocab))
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)                                  # equal logits: p = 1 / V everywhere
+    ckpt = tmp_path / "uniform.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"vocab": vocab.to_dict(), "model": model_cfg, "model_name": "lstm"}}, ckpt)
+    out = evaluate(compose("evaluate", [f"ckpt_path={ckpt}", "data=enwik8", f"data.path={enwik8_file}",
+                                        "split=test", "eval.window_batches=0", "device=cpu"]))
+    V = len(vocab)
+    assert out["unit"] == "byte"
+    assert out["loss"] == pytest.approx(math.log(V), rel=1e-6)
+    assert out["bpc"] == pytest.approx(math.log2(V), rel=1e-6)             # bits per byte = nats / ln 2
+
+
+def test_train_sample_evaluate_resume_in_byte_unit(enwik8_file, tmp_path):
+    first = tmp_path / "first"
+    run_cli("charlm.train", "data=enwik8", f"data.path={enwik8_file}", *TINY_RUN, "trainer.max_steps=10",
+            f"hydra.run.dir={first}")
+    results = json.loads((first / "results.json").read_text())
+    assert results["unit"] == "byte" and results["steps"] == 10
+    ckpt = first / "checkpoints" / "best.ckpt"
+
+    raw = run_cli("charlm.sample", f"ckpt_path={ckpt}", "prompt=Caf", "n_chars=30", "raw=true", "seed=1")
+    shown = run_cli("charlm.sample", f"ckpt_path={ckpt}", "prompt=Caf", "n_chars=30", "seed=1")
+    assert raw.stdout.startswith("Caf") and shown.stdout.startswith("Caf")
+    assert "decoded as UTF-8" in shown.stderr
+
+    out = tmp_path / "eval.json"
+    run_cli("charlm.evaluate", f"ckpt_path={ckpt}", "data=enwik8", f"data.path={enwik8_file}", "split=test",
+            f"json={out}")
+    scored = json.loads(out.read_text())
+    n = enwik8_file.stat().st_size
+    assert scored["unit"] == "byte" and scored["chars_scored"] == n - int(n * 19 / 20) - 1
+
+    second = tmp_path / "second"
+    run_cli("charlm.train", "data=enwik8", f"data.path={enwik8_file}", *TINY_RUN, "trainer.max_steps=15",
+            f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={second}")
+    assert json.loads((second / "results.json").read_text())["steps"] == 15
+
+    text = tmp_path / "chars.txt"
+    text.write_text(PAGE * 40, encoding="utf-8")
+    proc = run_cli("charlm.evaluate", f"ckpt_path={ckpt}", "data=text", f"data.path={text}",
+                   f"json={tmp_path / 'no.json'}", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "data.unit=byte" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "no.json").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [(["data=enwik8"], "data.path"), (["data=enwik8", "data.path=EMPTY"], "empty")])
+def test_refusals_are_one_line(tmp_path, args, fragment):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    run = tmp_path / "run"
+    proc = run_cli("charlm.train", *[a.replace("EMPTY", str(empty)) for a in args], *TINY_RUN,
+                   "trainer.max_steps=2", f"hydra.run.dir={run}", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert fragment in lines[0]
+    assert not run.exists()
+
+
+def test_byte_vocabulary_refuses_values_above_255():
+    with pytest.raises(ValueError, match="byte values"):
+        CharVocab(["a", "\u0100"], unit="byte")
