@@ -35,9 +35,11 @@ from charlm.budget import MIN_SECONDS, tokens_per_step
 from charlm.config import check_sections
 from charlm.errors import ConfigError
 from charlm.leaderboard import _read, write_outputs
+from charlm.studies.compare_context import context_report, measure_context
 from charlm.train import check_config, finite, pick_trainer, run
 
-KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "context_seeds", "hydra"}  # compare's own
+KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "context_seeds",
+        "hydra"}  # compare's own
 
 
 @dataclass
@@ -240,73 +242,6 @@ def train_entry(cfg: DictConfig, folder: Path, model: str, overrides: list[str],
 
         _finish_wandb()
         return False
-
-
-def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool:
-    """The best checkpoint's effective context on the val split (charlm.studies.context) into
-    folder/context.json; False (and one line) if it cannot be measured."""
-    try:
-        from charlm.studies.context import context_use
-    except ImportError:
-        print(f"charlm.compare: {folder.name}: no effective context (charlm.studies.context is not installed)")
-        return False
-    from charlm.build import build_data
-    from charlm.checkpoint import load_model
-
-    results = _read(folder / "results.json")
-    best = folder / "checkpoints" / Path(results.get("best_ckpt") or "last.ckpt").name  # the folder may have moved
-    try:
-        model, vocab, _ = load_model(best)
-        ids = build_data(train_cfg, vocab).splits["val"]
-        gpu = torch.cuda.is_available() and str(train_cfg.trainer.get("accelerator")) in ("gpu", "cuda", "auto")
-        device = "cuda" if gpu else "cpu"
-        t0 = time.perf_counter()
-        use = context_use(model.to(device), ids, n_positions=positions, device=device)
-        seconds = time.perf_counter() - t0
-    except Exception as e:  # noqa: BLE001 - a failed measurement leaves the column empty, not the comparison
-        print(f"error: {folder.name}: effective context: {cli.error_line(e)}", file=sys.stderr)
-        return False
-    record = {k: (finite(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-              for k, v in use.items() if k in ("effective_context", "full_context_loss")}
-    record.update(positions=positions, checkpoint=best.name, seconds=round(seconds, 3),
-                  context_use=use.get("context_use"), chars_per_word=chars_per_word(ids, vocab))
-    write_json(folder / "context.json", record)
-    print(f"charlm.compare: {folder.name}: effective context {record.get('effective_context')} chars "
-          f"({positions} positions, {seconds:.1f} s)")
-    return True
-
-
-def chars_per_word(ids: torch.Tensor, vocab) -> float:
-    """Characters per whitespace-separated word of a split: turns the claims made in words into characters."""
-    text = vocab.decode(ids.tolist())
-    return len(text) / max(1, len(text.split()))
-
-
-def context_report(out: Path, models: list[str], seeds: list[int]) -> bool:
-    """DIR/context.png and DIR/context.md: each model's context curve (the first seed that has one) and a line
-    per published claim, agrees or not and why (charlm.studies.context). False when no run measured one."""
-    from charlm.atomic import write_atomic
-    from charlm.studies.context import THRESHOLD, effective_context, markdown, plot_context
-
-    curves, per_word = {}, None
-    for m in models:
-        for s in seeds:
-            c = _read(out / f"{m}-{s}" / "context.json")
-            if not (c.get("context_use") and c.get("full_context_loss")):
-                continue
-            curve = {int(k): float(v) for k, v in c["context_use"].items()}
-            k_eff, above = effective_context(curve, c["full_context_loss"])
-            curves[m] = {"context_use": curve, "full_context_loss": c["full_context_loss"], "effective_context": k_eff,
-                         "above_grid": above, "threshold": THRESHOLD, "positions": c.get("positions", 0),
-                         "grid": sorted(curve)}
-            per_word = per_word or c.get("chars_per_word")
-            break
-    if not curves:
-        return False
-    plot_context(curves, out / "context.png")
-    lines = markdown(curves, per_word or 5.5)  # 5.5: English text's characters per word, when none was recorded
-    write_atomic(out / "context.md", "\n".join(lines) + "\n")
-    return True
 
 
 def compare(cfg: DictConfig) -> None:

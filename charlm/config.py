@@ -271,6 +271,9 @@ def check_sections(cfg: DictConfig, schemas: dict[str, type], top: type | None, 
 
 def check_train(cfg: DictConfig) -> None:
     """Every key of a composed train config: types, ranges, choices; one ConfigError on the first bad one."""
+    if isinstance(cfg.get("data"), DictConfig) and "path" in cfg.data.keys() and OmegaConf.is_missing(cfg.data, "path"):
+        raise ConfigError(f"data.path: required: data={cfg.data.get('name', 'this corpus')} has no default file "
+                          "(data.path=FILE)")
     check_sections(cfg, {"trainer": TrainerConfig, "clip": ClipConfig, "sample": SampleDuringTraining,
                          "eval": EvalConfig, "budget": BudgetConfig, "explain": ExplainDuringTraining}, TrainTop,
                    targets=("data", "model", "optim", "scheduler"), target_maps=("logger", "callbacks"))
