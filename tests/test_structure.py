@@ -216,11 +216,14 @@ def test_impossible_values_are_refused(override, expected):
         check_config(compose("train", [override]))
 
 
+# One CLI run per entry point by default; the in-process test above checks every key's type (slow: the rest)
 @pytest.mark.parametrize("module,args,key", [
-    ("charlm.train", ["optim.lr=abc"], "optim.lr"), ("charlm.train", ["seed=abc"], "seed"),
-    ("charlm.train", ["model.dropout=abc"], "model.dropout"), ("charlm.train", ["trainer.precision=bf17"], "precision"),
+    ("charlm.train", ["optim.lr=abc"], "optim.lr"),
+    pytest.param("charlm.train", ["seed=abc"], "seed", marks=pytest.mark.slow),
+    pytest.param("charlm.train", ["model.dropout=abc"], "model.dropout", marks=pytest.mark.slow),
+    pytest.param("charlm.train", ["trainer.precision=bf17"], "precision", marks=pytest.mark.slow),
     ("charlm.sample", ["ckpt_path=x", "temperature=abc"], "temperature"),
-    ("charlm.sample", ["ckpt_path=x", "top_k=abc"], "top_k"),
+    pytest.param("charlm.sample", ["ckpt_path=x", "top_k=abc"], "top_k", marks=pytest.mark.slow),
 ])
 def test_cli_wrong_type_is_one_line_exit_2(module, args, key, tmp_path):
     proc = run_cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", check=False)
