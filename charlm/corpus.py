@@ -171,6 +171,29 @@ def _read_bytes(files: list[str], h, chunk_bytes: int = 1 << 24):
         h.update(b"\0end-of-file\0")
 
 
+def _write_cache(ids_path: Path, vocab_path: Path, meta_path: Path, key: str, vocab: CharVocab, n: int, chunks,
+                 h, changed: CorpusError, meta: dict) -> tuple[CharVocab, torch.Tensor]:
+    """The second pass of an encoder: `chunks` of ids (reading them feeds the hash `h`) written into a memory-
+    mapped `.npy` of n ids, checked against the first pass (length, content hash `key`), then the vocabulary
+    and the meta file (last); each file atomically. The ids come back memory-mapped."""
+    pos = 0
+    with atomic_path(ids_path, suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.id_dtype, shape=(n,))
+        for ids in chunks:
+            if pos + len(ids) > n:
+                raise changed
+            out[pos : pos + len(ids)] = ids
+            pos += len(ids)
+        out.flush()
+        del out
+        if pos != n or h.hexdigest()[:32] != key:
+            raise changed
+    write_json(vocab_path, vocab.to_dict())
+    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": n, "dtype": vocab.id_dtype.name,
+                           "vocab_size": len(vocab), **meta})
+    return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
+
+
 def encode_bytes(path: str | None) -> tuple[CharVocab, torch.Tensor]:
     """The corpus as raw bytes: vocabulary = the byte values present (<= 256), uint8 ids, cached by content
     hash as characters are and memory-mapped after. Two passes of chunks (count, then map and write), so
@@ -196,22 +219,9 @@ def encode_bytes(path: str | None) -> tuple[CharVocab, torch.Tensor]:
     vocab = CharVocab([chr(b) for b in present], unit="byte")
     table = np.zeros(256, dtype=np.uint8)  # byte value -> id
     table[present] = np.arange(len(present))
-    h, pos = hashlib.sha256(), 0
-    with atomic_path(ids_path, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n,))
-        for data in _read_bytes(files, h):
-            if pos + len(data) > n:
-                raise changed
-            out[pos : pos + len(data)] = table[np.frombuffer(data, dtype=np.uint8)]
-            pos += len(data)
-        out.flush()
-        del out
-        if pos != n or h.hexdigest()[:32] != key:
-            raise changed
-    write_json(vocab_path, vocab.to_dict())
-    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": n, "dtype": "uint8", "vocab_size": len(vocab),
-                           "unit": "byte"})
-    return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
+    h = hashlib.sha256()
+    ids = (table[np.frombuffer(data, dtype=np.uint8)] for data in _read_bytes(files, h))
+    return _write_cache(ids_path, vocab_path, meta_path, key, vocab, n, ids, h, changed, {"unit": "byte"})
 
 
 def encode_corpus(path: str | None, errors: str = "strict", unit: str = "char") -> tuple[CharVocab, torch.Tensor]:
@@ -250,23 +260,12 @@ def encode_corpus(path: str | None, errors: str = "strict", unit: str = "char") 
         raise CorpusError(f"{path or 'corpus'}: empty")
     vocab = CharVocab([chr(p) for p in sorted(points)])
     h = hashlib.sha256()
-    with atomic_path(ids_path, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.id_dtype, shape=(n,))
-        pos = 0
+
+    def ids():
         for chunk in _read_fresh(files, errors, h):
             try:
-                ids = vocab.encode_array(chunk)
+                yield vocab.encode_array(chunk)
             except UnknownCharError:
                 raise changed from None
-            if pos + len(ids) > n:
-                raise changed
-            out[pos : pos + len(ids)] = ids
-            pos += len(ids)
-        out.flush()
-        del out
-        if pos != n or h.hexdigest()[:32] != key:
-            raise changed
-    write_json(vocab_path, vocab.to_dict())
-    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": n, "dtype": vocab.id_dtype.name,
-                           "vocab_size": len(vocab)})
-    return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
+
+    return _write_cache(ids_path, vocab_path, meta_path, key, vocab, n, ids(), h, changed, {})
