@@ -204,7 +204,6 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "trainer.accumulate_grad_batches": (_pos, ">= 1"),
     "trainer.limit_val_batches": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                                   "a number >= 0 (or null)"),
-    "data.path": (lambda v: v != "???", "set: this corpus has no default file (data.path=FILE)"),
     "data.block_size": (_pos, "a positive integer"),
     "data.batch_size": (_pos, "a positive integer"),
     "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
