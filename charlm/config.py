@@ -226,6 +226,13 @@ def _check_ranges(node, prefix: str, choices: dict | None = None) -> None:
             raise ConfigError(f"{full}={_show(value)}: must be {expected}")
 
 
+def check_keys(node: DictConfig, schema: type, prefix: str, allow_extra: bool = False) -> DictConfig:
+    """Type- and range-check `node` against the dataclass `schema` (extra keys pass when allow_extra)."""
+    merged = _merge(schema, _resolved(node), prefix, allow_extra=allow_extra)
+    _check_ranges(merged, prefix)
+    return merged
+
+
 def check_target_group(node: DictConfig, prefix: str) -> DictConfig:
     """Type-check one `_target_` node (model, data, optim, scheduler, a logger, a callback)."""
     if "_target_" not in node:

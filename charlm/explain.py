@@ -22,12 +22,12 @@ from omegaconf import DictConfig
 
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
-from charlm.config import check_sections, check_target_group
+from charlm.config import check_keys, check_sections
 from charlm.corpus import encode_corpus
 from charlm.errors import ConfigError, CorpusError, UnknownCharError
 from charlm.models.contract import capabilities
 from charlm.split import split_slice
-from charlm.vocab import CharVocab
+from charlm.vocab import UNITS, CharVocab
 from charlm.yardstick import IGNORE, eval_dataset, protocol
 
 MAX_CHARS = 50_000  # a page of this many characters renders in a few seconds (docs/explain.md)
@@ -76,10 +76,29 @@ class Trace:
         return float(self.losses.sum() / len(self.losses) / math.log(2))
 
 
+@dataclass
+class CorpusKeys:
+    """The keys of a `data` node explain reads to find the text; the data module's other keys (batch and
+    block sizes, sampling) do not apply here. Checked without importing the data module (and Lightning)."""
+
+    path: Optional[str] = None
+    name: str = "text"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    errors: str = "strict"
+    unit: str = "char"
+
+
 def check(cfg: DictConfig) -> None:
     """Types and ranges of every key (charlm.config), before anything is read or written."""
-    check_target_group(cfg.data, "data.")
-    check_sections(cfg, {"eval": ExplainEval}, ExplainTop, targets=("data",))
+    if str(cfg.data.get("_target_", "")).startswith("charlm.hf."):  # reading such a corpus brings Lightning anyway
+        check_sections(cfg, {"eval": ExplainEval}, ExplainTop, targets=("data",))
+    else:
+        data = check_keys(cfg.data, CorpusKeys, "data.", allow_extra=True)
+        for key, allowed in (("errors", ("strict", "replace")), ("unit", UNITS)):
+            if data[key] not in allowed:
+                raise ConfigError(f"data.{key}={data[key]}: must be one of {', '.join(allowed)}")
+        check_sections(cfg, {"eval": ExplainEval}, ExplainTop)  # data: checked above (ExplainTop takes any)
     if cfg.split not in ("train", "val", "test", "all"):
         raise ConfigError(f"split={cfg.split}: must be one of train, val, test, all")
     if cfg.start < 0:

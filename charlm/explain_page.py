@@ -226,6 +226,27 @@ def _summary(text: str, cmp: dict) -> str:
                    [[k, n, f"{g:+.4f}"] for k, n, g in cmp["by_distance"]]))
 
 
+def _glyphs(text: str, cols: int, dpi: float, ax):
+    """Every character of `text` drawn centred in its grid cell, as one collection of glyph outlines (one
+    Text artist per character costs seconds for a few thousand)."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+    from matplotlib.transforms import Affine2D
+
+    font, shapes = FontProperties(family="monospace", size=6), {}
+    (_, low), (_, high) = TextPath((0, 0), "Mg", prop=font).get_extents().get_points()  # one baseline for all
+    for c in {c for c in text if _show(c).strip()}:                    # blanks have no outline to draw
+        path = TextPath((0, 0), _show(c), prop=font)                    # in points
+        (x0, _), (x1, _) = path.get_extents().get_points()
+        shapes[c] = path.transformed(Affine2D().translate(-(x0 + x1) / 2, -(low + high) / 2))
+    t = np.array([i for i, c in enumerate(text) if c in shapes], dtype=np.int64)
+    offsets = np.stack([t % cols, t // cols], axis=1).astype(float)    # (n, 2) cell centres, data coordinates
+    return PathCollection([shapes[text[i]] for i in t], offsets=offsets, offset_transform=ax.transData,
+                          transform=Affine2D().scale(dpi / 72), facecolors="black", edgecolors="none",
+                          snap=False)  # snapping would collapse the straight-edged glyphs (I, l, -)
+
+
 def render_png(text: str, traces, path: Path, cols: int = 80) -> None:
     """The text as a coloured grid, `cols` characters a row: A's surprisal, and A - B with a second model."""
     from matplotlib.figure import Figure
@@ -238,21 +259,19 @@ def render_png(text: str, traces, path: Path, cols: int = 80) -> None:
     panels = [(grid(traces[0].losses / LN2), "YlOrRd", 0, 10, f"surprisal under {traces[0].name} (bits)")]
     if len(traces) == 2:
         panels.append((grid(traces[0].losses - traces[1].losses), "RdBu_r", -2, 2, "A's nats minus B's"))
-    fig = Figure(figsize=(12, len(panels) * (0.6 + min(rows, 120) * 0.14)))
+    fig = Figure(figsize=(12, len(panels) * (0.6 + min(rows, 120) * 0.14)), dpi=110)
     for k, (g, cmap, lo, hi, title) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, k + 1)
         im = ax.imshow(g, cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
         if len(text) <= 4000:
-            for t, c in enumerate(text):
-                ax.text(t % cols, t // cols, _show(c), ha="center", va="center", fontsize=6, family="monospace",
-                        parse_math=False)
+            ax.add_collection(_glyphs(text, cols, fig.dpi, ax))
         ax.set_title(title[:100], fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=fig.dpi)
 
 
 def write_page(out: Path, text: str, traces, where: str) -> tuple[Path, Path]:

@@ -260,6 +260,9 @@ def table(res: dict) -> str:
                   "|---" * 5 + "|"]
         lines += [f"| {s['what']} | {s['shape']} | {s['parallel_ms']:.2f} | {s['loop_ms']:.2f} | {s['speedup']:.1f}x |"
                   for s in res["scans"]]
+    if res.get("explain"):
+        lines += ["", "charlm.explain, two 1x384 LSTMs on the first val characters (wall time, start-up included): "
+                  + ", ".join(f"{e['chars']:,} chars {e['seconds']:.1f} s" for e in res["explain"]) + "."]
     for key, unit in (("data", "characters"), ("data_bytes", "bytes (data.unit=byte)")):
         if d := res.get(key):
             lines += ["", f"Data, as {unit}: a {d['mb']:g} MB corpus through CharDataModule.prepare() in "
@@ -302,6 +305,8 @@ def main() -> None:
     p.add_argument("--sample-chars", type=int, default=1000)
     p.add_argument("--recompute-chars", type=int, help="chars per no-cache sample (default: min(sample, 4 blocks))")
     p.add_argument("--scan-shape", help="BxT for the scan timings (default: the preset's batch x block)")
+    p.add_argument("--explain-chars", default="2000,20000", help="time charlm.explain (two 1x384 LSTMs) on these "
+                   "many val characters, start-up included ('' skips it)")
     p.add_argument("--scan-repeats", type=int, default=3, help="median of N scan timings (0: skip them)")
     p.add_argument("--encode-mb", type=float, default=100, help="corpus size for the encode timing (0: skip)")
     p.add_argument("--out", default=str(ROOT / "bench"))
@@ -365,6 +370,11 @@ def main() -> None:
         if a.scan_repeats > 0:
             B, T = (int(v) for v in a.scan_shape.split("x")) if a.scan_shape else (batch, block)
             res |= {"scan_repeats": a.scan_repeats, "scans": bench_scans(B, T, a.scan_repeats)}
+            write(res, out)
+        if a.explain_chars:
+            from bench_explain import bench_explain
+
+            res["explain"] = bench_explain(work, [int(n) for n in a.explain_chars.split(",")])
             write(res, out)
         if a.encode_mb > 0:
             print(f"bench: encoding a {a.encode_mb:g} MB corpus ...", flush=True)

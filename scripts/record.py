@@ -48,7 +48,7 @@ TINY = {
                 *TINY_SIZES],
     "report": ["size=tiny", "models=[rnn,lstm]"],
     "bench": ["--preset", "tiny", "--steps", "3", "--models", "rnn", "--modes", "random", "--sample-chars", "20",
-              "--encode-mb", "0", "--scan-repeats", "0"],
+              "--encode-mb", "0", "--scan-repeats", "0", "--explain-chars", ""],
 }
 
 

@@ -27,7 +27,7 @@ def positive(d: dict, keys: list[str], where: str) -> None:
 def test_bench_writes_results_for_both_modes(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "tiny", "--steps", "3",
            "--models", "rnn,transformer", "--modes", "random,stream", "--sample-chars", "20", "--encode-mb", "1",
-           "--scan-shape", "2x8", "--scan-repeats", "1", "--out", str(tmp_path)]
+           "--scan-shape", "2x8", "--scan-repeats", "1", "--explain-chars", "60", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [json_path] = tmp_path.glob("results-*.json")
@@ -51,12 +51,14 @@ def test_bench_writes_results_for_both_modes(tmp_path):
     positive(res["models"]["transformer"]["sampling"], [
         "single_recompute_chars_per_s", "batch64_recompute_chars_per_s", "single_cache_speedup",
         "batch64_cache_speedup"], "transformer.sampling")
-    assert {s["what"].split()[0] for s in res["scans"]} >= {"log_scan", "linear_scan", "mingru", "mamba"}
+    assert {s["what"].split()[0] for s in res["scans"]} >= {"positive_scan", "log_scan", "linear_scan", "mingru", "mamba"}
     for s in res["scans"]:
         positive(s, ["parallel_ms", "loop_ms", "speedup"], s["what"])
     positive(res["data"], ["mb", "encode_s", "mb_per_s", "prepare_again_s", "peak_rss_mb"], "data")
     assert isinstance(res["data"]["memory_mapped"], bool)
     assert "Lowest ratio" in md and "Parallel scan" in md
+    assert [e["chars"] for e in res["explain"]] == [60] and res["explain"][0]["seconds"] > 0
+    assert "charlm.explain, two 1x384 LSTMs" in md
 
 
 def test_default_modes_and_models():

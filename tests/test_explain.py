@@ -155,6 +155,8 @@ def test_bad_checkpoint_is_one_line_exit_2_nothing_written(tmp_path):
     ({"text": "ROMEO", "start": 4}, "nothing to score"),
     ({"text": "R\u265e\u265e"}, "\u265e"),
     ({"text": "R\u265e\u265e", "unknown": "skip"}, "nothing to score"),
+    ({"data.val_fraction": "a tenth"}, "data.val_fraction"),
+    ({"data.errors": "ignore"}, "data.errors=ignore"),
 ])
 def test_bad_input_names_the_problem_and_writes_nothing(tmp_path, keys, says):
     ckpt = write_ckpt(tmp_path / "m.ckpt", "lstm")
@@ -217,3 +219,7 @@ def test_explain_imports_no_lightning():
 
     code = "import sys, charlm.explain; sys.exit('lightning' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # it runs where only torch is installed
+    # nor does checking a config that reads the embedded corpus (the data module's class brings Lightning)
+    code = ("import sys; from charlm.cli import compose; from charlm.explain import check; "
+            "check(compose('explain', ['ckpt_path=x.ckpt', 'split=val'])); sys.exit('lightning' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
