@@ -32,7 +32,6 @@ from charlm.models.contract import Capabilities, capabilities
 from charlm.module import CharLM
 from charlm.vocab import CharVocab
 
-
 # Lightning 2.6's pytree helper (lightning/pytorch/utilities/_pytree.py) builds torch's LeafSpec, which
 # torch 2.10+ marks deprecated: one line in every run's log that no charlm user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)

@@ -26,10 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from charlm.errors import ConfigError
 from charlm.schemas import (
-    BudgetConfig,
-    PRIMITIVES,
     MAPPING_RULES,
+    PRIMITIVES,
     RULES,
+    BudgetConfig,
     ClipConfig,
     EvalConfig,
     ExplainDuringTraining,

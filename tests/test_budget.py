@@ -13,8 +13,8 @@ import torch
 from conftest import TINY, run_cli
 
 from charlm import cli
-from charlm.build import build
 from charlm.budget import BudgetBar, BudgetClock
+from charlm.build import build
 from charlm.schedule import one_cycle, warmup_cosine
 from charlm.train import run
 
