@@ -33,7 +33,8 @@ ONE_SEED = "n/a (1 seed)"
 FOOTNOTE = ("Δ vs leader: this model's val bpc minus the leader's on the same seed, averaged over the seeds both "
             "finished, ± its standard error (sd of those differences / √n); * where |Δ| > 2 SE. Signs agree: every "
             "seed's difference has the same sign. Effective context: characters of context the best checkpoint "
-            "makes use of (charlm.studies.context), averaged over the seeds measured (compare's context_seeds: the first).")
+            "makes use of (charlm.studies.context), averaged over the seeds measured (compare's context_seeds: "
+            "the first).")
 
 
 def _read(path: Path) -> dict:

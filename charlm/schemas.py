@@ -143,6 +143,7 @@ class ReportTop:
     span_threshold: float = 0.9
     device: str = "auto"
     seed: int = 1337
+    context_from: Optional[str] = None
     presets: Any = None
 
 

@@ -154,7 +154,8 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
 def report(results: dict, run_dir: Path) -> None:
     p = results["protocol"]
     print(f"\ncheckpoint: {results['best_ckpt']} (step {results['best_step']})")
-    print(f"val {results['best_val_loss']:.4f} nats, {results['best_val_bpc']:.4f} {unit_label(results.get('unit', 'char'))} on the yardstick "
+    unit = unit_label(results.get("unit", "char"))
+    print(f"val {results['best_val_loss']:.4f} nats, {results['best_val_bpc']:.4f} {unit} on the yardstick "
           f"({p['text']})")
     if results["window_val_loss"] is not None:
         print(f"nanoGPT-style: {results['window_val_loss']:.4f} nats (random {results['window_protocol']['window']}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_child import BETAS, CLIP, CORPUS, CUDA, LR, SYNC_PROBE, sync  # noqa: E402  (the children's settings)
+from bench_report import MODES, largest_change, lowest_ratio, table, write  # noqa: E402,F401  (the tables)
 
 PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     # conf/model/*.yaml as they are: what `make train` / `make compare` run on a CPU
@@ -44,7 +44,6 @@ PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
 SHARED = ["~scheduler", f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]", "optim.weight_decay=0.0",
           "clip.algorithm=norm", f"clip.value={CLIP}"]
 QUIET = ["logger=none", "eval.max_chars=2048", "eval.window_batches=0", "sample.n_chars=0"]  # validation negligible
-MODES = ("random", "stream")
 FIRST = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "hawk", "mamba"]  # then the others, by name
 
 
@@ -167,120 +166,6 @@ def machine_name() -> str:
     if CUDA:
         return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
     return f"cpu-{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}core"
-
-
-def fmt(v, digits: int = 0) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{digits}f}"
-
-
-def lowest_ratio(res: dict) -> tuple[float, str] | None:
-    pairs = [(m["ratio"], f"{name} {mode}") for name, r in res["models"].items() for mode, m in r["modes"].items()]
-    return min(pairs) if pairs else None
-
-
-def ratios_of(res: dict) -> dict[str, float]:
-    """{"MODEL MODE": charlm/bare ratio} of a results file (older files without modes give none)."""
-    return {f"{n} {mode}": m["ratio"] for n, r in res.get("models", {}).items()
-            for mode, m in (r.get("modes") or {}).items()}
-
-
-def largest_change(before: dict, after: dict) -> dict | None:
-    """The ratio that moved most since `before` (a previous results file): what, before, after, change."""
-    old, new = ratios_of(before), ratios_of(after)
-    common = [(abs(new[k] - old[k]), k) for k in new if k in old]
-    if not common:
-        return None
-    k = max(common)[1]
-    return {"date": before.get("date"), "what": k, "before": old[k], "after": new[k], "change": new[k] - old[k]}
-
-
-def table(res: dict) -> str:
-    def mem(side):
-        if side is None:
-            return "-"
-        return fmt(side.get("cuda_peak_mb")) if CUDA else f"{fmt(side['peak_rss_mb'])} (+{fmt(side['rss_growth_mb'])})"
-
-    def nocache(s, key):
-        if "recompute_chars" not in s:
-            return "-"
-        return f"{fmt(s[key + '_recompute_chars_per_s'])} ({s[key + '_cache_speedup']:.1f}x)"
-
-    m = "CUDA peak MB" if CUDA else "peak RSS MB (growth)"
-    lines = [f"## charlm bench: {res['machine']}, {res['date']}", "",
-             f"{res['device']}, torch {res['torch']}, {res['threads']} threads, preset {res['preset']}: "
-             f"{res['steps']} training steps per side, the last {res['steps'] - res['warmup']} timed; the two sides "
-             f"interleaved {res['repeats']} times, the median ratio; batch {res['settings']['batch_size']} x "
-             f"{res['settings']['block_size']} chars; "
-             f"AdamW lr {LR:g}, betas {BETAS}, no weight decay, clip norm {CLIP:g}, no schedule, on both sides.", "",
-             "Training tokens/s, charlm / bare loop (target: >= 0.95 in every mode):", "",
-             "| model | params | precision | " + " | ".join(
-                 f"{mode} charlm | {mode} bare | {mode} charlm/bare" for mode in MODES) + " |",
-             "|---" * (3 + 3 * len(MODES)) + "|"]
-    for name, r in res["models"].items():
-        cells = []
-        for mode in MODES:
-            x = r["modes"].get(mode)
-            cells += ([fmt(x["charlm"]["tokens_per_s"]), fmt(x["bare"]["tokens_per_s"]), f"{x['ratio']:.2f}"]
-                      if x else ["-", "-", "-"])
-        lines.append(f"| {name} | {fmt(r['params'])} | {r['precision']} | " + " | ".join(cells) + " |")
-    spreads = [f"{n} {mode} {min(m['ratios']):.2f}-{max(m['ratios']):.2f}" for n, r in res["models"].items()
-               for mode, m in r["modes"].items() if len(m.get("ratios", [])) > 1]
-    if spreads:
-        lines += ["", "Spread of the per-repeat ratios (min-max): " + ", ".join(spreads) + "."]
-    if p := res.get("previous"):
-        lines += ["", f"Largest change against the previous run ({p['date']}): {p['what']} {p['before']:.2f} -> "
-                  f"{p['after']:.2f} ({p['change']:+.2f})."]
-    if low := lowest_ratio(res):
-        lines += ["", f"Lowest ratio: {low[0]:.2f} ({low[1]}): target {'met' if low[0] >= 0.95 else 'NOT met'}."]
-    if res.get("skipped"):
-        lines += ["", "Not run (time budget): " + ", ".join(res["skipped"]) + "."]
-    lines += ["", f"Memory over the timed steps, {m}:", "", "| model | " + " | ".join(
-        f"{mode} charlm | {mode} bare" for mode in MODES) + " |", "|---" * (1 + 2 * len(MODES)) + "|"]
-    for name, r in res["models"].items():
-        cells = []
-        for mode in MODES:
-            x = r["modes"].get(mode) or {}
-            cells += [mem(x.get("charlm")), mem(x.get("bare"))]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    syncs = [f"{n} {mode} {x['charlm']['host_syncs_per_step']:.1f}" for n, r in res["models"].items()
-             for mode, x in r["modes"].items() if "host_syncs_per_step" in x["charlm"]]
-    if syncs:
-        lines += ["", "charlm host syncs per training step (after the window): " + ", ".join(syncs)]
-    lines += ["", f"Sampling (charlm.generate, untrained weights, {res['sample_chars']} chars; no-cache: "
-              f"{res['recompute_chars']} chars):", "",
-              "| model | 1x chars/s | 64x chars/s | no-cache 1x chars/s (cache speedup) "
-              "| no-cache 64x chars/s (cache speedup) |", "|---" * 5 + "|"]
-    for name, r in res["models"].items():
-        s = r["sampling"]
-        lines.append(f"| {name} | {fmt(s['single_chars_per_s'])} | {fmt(s['batch64_chars_per_s'])} "
-                     f"| {nocache(s, 'single')} | {nocache(s, 'batch64')} |")
-    if res.get("scans"):
-        lines += ["", f"Parallel scan vs a Python loop over time (forward + backward, median of {res['scan_repeats']};"
-                  " blocks at conf/model sizes):", "", "| what | shape | parallel ms | loop ms | speed-up |",
-                  "|---" * 5 + "|"]
-        lines += [f"| {s['what']} | {s['shape']} | {s['parallel_ms']:.2f} | {s['loop_ms']:.2f} | {s['speedup']:.1f}x |"
-                  for s in res["scans"]]
-    if res.get("explain"):
-        lines += ["", "charlm.explain, two 1x384 LSTMs on the first val characters (wall time, start-up included): "
-                  + ", ".join(f"{e['chars']:,} chars {e['seconds']:.1f} s" for e in res["explain"]) + "."]
-    for key, unit in (("data", "characters"), ("data_bytes", "bytes (data.unit=byte)")):
-        if d := res.get(key):
-            lines += ["", f"Data, as {unit}: a {d['mb']:g} MB corpus through CharDataModule.prepare() in "
-                      f"{d['encode_s']:.2f} s ({d['mb_per_s']:.1f} MB/s, peak RSS {d['peak_rss_mb']:.0f} MB, "
-                      f"+{d['rss_growth_mb']:.0f} MB); prepared again in {d['prepare_again_s']:.2f} s; ids "
-                      f"memory-mapped: {'yes' if d['memory_mapped'] else 'no'}."]
-    return "\n".join(lines) + "\n"
-
-
-def write(res: dict, out: Path) -> str:
-    """OUT/results-MACHINE.{json,md}, each replaced atomically."""
-    md = table(res)
-    out.mkdir(parents=True, exist_ok=True)
-    for ext, text in (("json", json.dumps(res, indent=2) + "\n"), ("md", md)):
-        tmp = out / f"results-{res['machine']}.{ext}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, tmp.with_suffix(""))
-    return md
 
 
 def modes_for(arg: str, preferred: str) -> list[str]:

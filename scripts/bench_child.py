@@ -218,7 +218,8 @@ def child_encode(spec: dict) -> dict:
     t0 = time.perf_counter()
     (dm := CharDataModule(path=spec["corpus"], unit=unit)).prepare()
     warm, ids_file = time.perf_counter() - t0, mapped_file(dm.splits["train"].data_ptr())
-    return {"mb": spec["mb"], "unit": unit, "encode_s": cold, "mb_per_s": spec["mb"] / cold, "prepare_again_s": warm, **mem,
+    return {"mb": spec["mb"], "unit": unit, "encode_s": cold, "mb_per_s": spec["mb"] / cold,
+            "prepare_again_s": warm, **mem,
             "memory_mapped": ids_file is not None, "ids_file": ids_file and Path(ids_file).name,
             "ids_dtype": str(dm.splits["train"].dtype)}
 

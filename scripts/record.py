@@ -80,7 +80,8 @@ def commands(part: str, rec: Path, tiny: bool) -> list[tuple[str, list[str]]]:
             return [("compare", [py, "-m", "charlm.compare", *TINY[part], *where])]
         return [("compare", ["make", "--no-print-directory", "compare", f"PY={py}", "ARGS=" + " ".join(where)])]
     if part == "report":
-        return [("report", [py, "-m", "charlm.report", *(TINY[part] if tiny else ["size=cpu"]),
+        context = [f"context_from={rec / 'compare'}"] if (rec / "compare" / "context.md").exists() else []
+        return [("report", [py, "-m", "charlm.report", *(TINY[part] if tiny else ["size=cpu"]), *context,
                             f"out_dir={rec / 'report'}"])]
     if part == "bench":
         return [("bench", [py, "scripts/bench.py", *(TINY[part] if tiny else []), "--out", str(rec / "bench")])]

@@ -51,7 +51,8 @@ def test_bench_writes_results_for_both_modes(tmp_path):
     positive(res["models"]["transformer"]["sampling"], [
         "single_recompute_chars_per_s", "batch64_recompute_chars_per_s", "single_cache_speedup",
         "batch64_cache_speedup"], "transformer.sampling")
-    assert {s["what"].split()[0] for s in res["scans"]} >= {"positive_scan", "log_scan", "linear_scan", "mingru", "mamba"}
+    scans = {s["what"].split()[0] for s in res["scans"]}
+    assert scans >= {"positive_scan", "log_scan", "linear_scan", "mingru", "mamba"}
     for s in res["scans"]:
         positive(s, ["parallel_ms", "loop_ms", "speedup"], s["what"])
     positive(res["data"], ["mb", "encode_s", "mb_per_s", "prepare_again_s", "peak_rss_mb"], "data")

@@ -125,7 +125,8 @@ def test_train_sample_evaluate_resume_in_byte_unit(enwik8_file, tmp_path):
     assert not (tmp_path / "no.json").exists()
 
 
-@pytest.mark.parametrize("args,fragment", [(["data=enwik8"], "data.path"), (["data=enwik8", "data.path=EMPTY"], "empty")])
+@pytest.mark.parametrize("args,fragment", [(["data=enwik8"], "data.path"),
+                                           (["data=enwik8", "data.path=EMPTY"], "empty")])
 def test_refusals_are_one_line(tmp_path, args, fragment):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")

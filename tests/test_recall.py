@@ -294,9 +294,35 @@ def test_gate_hooks_return_openings_in_unit_interval():
 # ---- the report ---------------------------------------------------------------------------
 
 
+def fake_compare_folder(folder: Path) -> Path:
+    """What charlm.compare leaves for the report: context.md (its heading first) and context.png."""
+    folder.mkdir(parents=True)
+    (folder / "context.md").write_text("## Context used on real text\n\n![context](context.png)\n\n"
+                                       "- rnn: full context 1.6 nats, effective context 11 chars.\n")
+    (folder / "context.png").write_bytes(b"\x89PNG fake figure bytes")
+    return folder
+
+
+def test_report_context_from_a_folder_without_curves_is_one_config_error(tmp_path):
+    from charlm.errors import ConfigError
+    from charlm.studies.report import context_section
+
+    assert context_section(None, tmp_path) == []
+    (tmp_path / "cmp").mkdir()
+    with pytest.raises(ConfigError, match="context_from=.*cmp: no context.md"):
+        context_section(str(tmp_path / "cmp"), tmp_path)
+    assert not (tmp_path / "context.png").exists()
+
+
 def test_report_tiny_end_to_end(tmp_path):
     out = tmp_path / "reports"
-    run_cli("charlm.report", "size=tiny", f"out_dir={out}", env={"OMP_NUM_THREADS": "1"})
+    compare = fake_compare_folder(tmp_path / "compare")
+    run_cli("charlm.report", "size=tiny", f"out_dir={out}", f"context_from={compare}", env={"OMP_NUM_THREADS": "1"})
+    assert (out / "context.png").read_bytes() == (compare / "context.png").read_bytes()
+    md = (out / "REPORT.md").read_text()
+    tail = md[md.index("## Context used on real text"):]  # after the spans, with the compare's lines
+    assert md.index("## Context used on real text") > md.index("![memory span](memory_span.png)")
+    assert f"From the `charlm.compare` run in `{compare}`" in tail and "effective context 11 chars" in tail
     for f in ("gradient_flow.png", "clipping.png", "memory_span.png", "gates.png", "REPORT.md"):
         assert (out / f).stat().st_size > 500, f
     span_json = json.loads((out / "memory_span.json").read_text())

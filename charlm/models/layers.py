@@ -56,8 +56,9 @@ class ScanLM(nn.Module):
 
     Each block is called as `x, layer_state = block(x, layer_state, probe)` with x (B, T, D) and
     layer_state a tuple of tensors (None at the start); `probe`, a list or None, collects the block's
-    memory-gate opening at each position, (B, T) averaged over units, for `gate_openings`/`gate_trace`. The model's state is the tuple of layer states,
-    copies rather than views of the (B, T, ...) activations, so a carried or saved state holds only itself.
+    memory-gate opening at each position, (B, T) averaged over units, for `gate_openings`/`gate_trace`.
+    The model's state is the tuple of layer states, copies rather than views of the (B, T, ...)
+    activations, so a carried or saved state holds only itself.
     """
 
     preferred_sampling = "stream"  # recurrent: truncated BPTT with the state carried past the window

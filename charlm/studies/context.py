@@ -119,7 +119,8 @@ def summary(r: dict) -> list[str]:
     full = r["full_context_loss"]
     lines = [f"  k={k:>5} chars read: {v:.4f} nats ({100 * (v / full - 1):+.1f}% vs full context)"
              for k, v in r["context_use"].items()]
-    lines.append(f"full context (state carried from the split's start): {full:.4f} nats at {r['positions']:,} positions")
+    lines.append(f"full context (state carried from the split's start): {full:.4f} nats at "
+                 f"{r['positions']:,} positions")
     lines.append(f"effective context: {effective_text(r)} chars (smallest k within {r['threshold']:.0%} "
                  "of the full-context loss)")
     return lines
@@ -190,7 +191,8 @@ def markdown(curves: dict[str, dict], chars_per_word: float) -> list[str]:
              "same positions with the state carried from the split's start). Effective context: the smallest "
              f"k within {THRESHOLD:.0%} of the full-context loss (docs/context.md).", "", "![context](context.png)", ""]
     for name, r in curves.items():
-        lines.append(f"- {name}: full context {r['full_context_loss']:.4f} nats, k=1 {r['context_use'][min(r['grid'])]:.4f}, "
+        lines.append(f"- {name}: full context {r['full_context_loss']:.4f} nats, "
+                     f"k=1 {r['context_use'][min(r['grid'])]:.4f}, "
                      f"effective context {effective_text(r)} chars ({r['positions']:,} positions).")
     lines.append("")
     lines += [claim_line(src, curves.get(family), claimed, unit, chars_per_word)

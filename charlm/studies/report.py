@@ -15,6 +15,7 @@ import logging
 import math
 import platform
 import re
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -140,7 +141,8 @@ def _ratio(curve: list[float], k: int) -> str:
     return f"{curve[k] / curve[0]:.1e}" if curve[k] > 0 else "0 (underflow)"
 
 
-def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict, seconds: dict) -> None:
+def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict, seconds: dict,
+                   context: list[str] | None = None) -> None:
     """REPORT.md: how and where it was made, the figures, and their numbers as tables."""
     T = gf["seq_len"]
     lags = sorted({min(10, T - 1), T // 2, T - 1})
@@ -171,7 +173,25 @@ def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict,
         md.append(f"| {name} | {r['clip']:g} | {len(r['loss'])} | {r['loss'][0]:.2f} | {r['loss'][-1]:.3g} | "
                   f"{max(finite):.3g} | {r['diverged'] or 'trained'} |")
     md += ["", *markdown(span)]
+    if context:
+        md += ["", *context]
     write_atomic(out / "REPORT.md", "\n".join(md) + "\n")
+
+
+def context_section(source: str | None, out: Path) -> list[str]:
+    """REPORT.md's lines on the context each family uses on real text: a charlm.compare folder's context.md,
+    its figure copied beside REPORT.md (none when `context_from` is null). One ConfigError when it has none."""
+    if not source:
+        return []
+    src = Path(source).expanduser()
+    if not (src / "context.md").is_file() or not (src / "context.png").is_file():
+        raise ConfigError(f"context_from={source}: no context.md and context.png there (the folder of a "
+                          "charlm.compare run with context_seeds >= 1)")
+    shutil.copyfile(src / "context.png", out / "context.png")
+    lines = (src / "context.md").read_text().rstrip("\n").splitlines()
+    return [*lines[:1], "", f"From the `charlm.compare` run in `{source}`: the spans above are what each family "
+            "can hold on the synthetic task after a curriculum; this is what the same families use on tiny "
+            "shakespeare after the compare's budget.", *lines[1:]]
 
 
 def _job(cfg: DictConfig) -> None:
@@ -188,6 +208,7 @@ def _job(cfg: DictConfig) -> None:
         print(f"report: no conf/model/NAME.yaml for {', '.join(missing)}: left out")
     if not models:
         raise ConfigError(f"models={list(cfg.models)}: none has a conf/model/NAME.yaml")
+    context = context_section(cfg.context_from, out)  # checked before anything trains
     seconds, t0 = {}, time.perf_counter()
     gf = gradient_flow_study(cfg, preset, out, models)
     seconds["gradient flow"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -195,7 +216,7 @@ def _job(cfg: DictConfig) -> None:
     seconds["clipping"], t0 = time.perf_counter() - t0, time.perf_counter()
     span = memory_span_study(cfg, preset, out, models)
     seconds["memory span"] = time.perf_counter() - t0
-    write_markdown(cfg, out, gf, clip, span, seconds)
+    write_markdown(cfg, out, gf, clip, span, seconds, context)
     print(f"report: wrote {out}/REPORT.md in {sum(seconds.values()) / 60:.1f} min")
 
 
