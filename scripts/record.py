@@ -80,7 +80,9 @@ def commands(part: str, rec: Path, tiny: bool) -> list[tuple[str, list[str]]]:
             return [("compare", [py, "-m", "charlm.compare", *TINY[part], *where])]
         return [("compare", ["make", "--no-print-directory", "compare", f"PY={py}", "ARGS=" + " ".join(where)])]
     if part == "report":
-        context = [f"context_from={rec / 'compare'}"] if (rec / "compare" / "context.md").exists() else []
+        where = rec / "compare"  # named as REPORT.md will show it: relative to the checkout when inside it
+        where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+        context = [f"context_from={where}"] if (rec / "compare" / "context.md").exists() else []
         return [("report", [py, "-m", "charlm.report", *(TINY[part] if tiny else ["size=cpu"]), *context,
                             f"out_dir={rec / 'report'}"])]
     if part == "bench":

@@ -5,7 +5,7 @@ clip_on, per-step loss and pre-clip gradient norm), memory_span.png/json (recall
 each model trained on data=recall, over seeds, and the truncated-BPTT runs), gates.png/json (gate
 openings over training, lag-gradient curves, the forget-gate claim; charlm.studies.span_study) and REPORT.md,
 which shows the figures and the numbers. Models: `models` in conf/report.yaml, those with a
-conf/model/NAME.yaml. Sizes come from `presets.SIZE` (`cpu`: ~13 min on a quiet 2-core CPU;
+conf/model/NAME.yaml. Sizes come from `presets.SIZE` (`cpu`: 9-13 min on a quiet 2-core CPU;
 `tiny`: ~15 s).
 """
 
