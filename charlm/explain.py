@@ -30,7 +30,7 @@ from charlm.split import split_slice
 from charlm.vocab import UNITS, CharVocab
 from charlm.yardstick import IGNORE, eval_dataset, protocol
 
-MAX_CHARS = 50_000  # a page of this many characters renders in a few seconds (docs/explain.md)
+MAX_CHARS = 20_000  # a page a browser loads and draws in about 4 s (docs/explain.md: 50,000 took 7-8 s)
 TOP_K = 5
 
 

@@ -172,7 +172,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "clip.value": (_nonneg, ">= 0 (0 disables clipping)"),
     "clip.algorithm": (lambda v: v in ("norm", "value"), "one of norm, value"),
     "sample.n_chars": (_nonneg, ">= 0"),
-    "explain.n_chars": (lambda v: 0 <= v <= 50_000, "in 0..50,000 (0: no page)"),
+    "explain.n_chars": (lambda v: 0 <= v <= 20_000, "in 0..20,000 (0: no page)"),
     "n_chars": (_nonneg, ">= 0"),
     "top_k": (_pos, ">= 1 (or null)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (or null)"),
