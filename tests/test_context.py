@@ -134,6 +134,21 @@ def test_same_positions_at_every_k_and_batched():
     assert len(set(expected.tolist())) == P and int(expected.min()) >= 100
 
 
+def test_a_recurrent_model_reads_long_windows_in_chunks_with_the_same_losses():
+    """TenBack carries its last 10 ids as state: read in chunks of 4 it scores every position as read whole,
+    and each window is fed as consecutive pieces that together are exactly its last k characters."""
+    n, P, bs, grid = 400, 40, 16, [3, 11, 23]
+    ids = torch.arange(n) % 10  # period 10: the character 10 back is the next one
+    whole = context_use(TenBack(10), ids, n_positions=P, grid=grid, min_offset=30, batch_size=bs, chunk=None)
+    model = Recorder(TenBack(10))
+    pieces = context_use(model, ids, n_positions=P, grid=grid, min_offset=30, batch_size=bs, chunk=4)
+    assert pieces["context_use"] == pytest.approx(whole["context_use"], abs=1e-9)
+    assert pieces["context_use"][11] < 0.01 < pieces["context_use"][3]  # it copies once 10 characters are read
+    windows = [c for c in model.calls if c.shape[0] > 1]
+    assert len(windows) == sum(math.ceil(k / 4) for k in grid) * math.ceil(P / bs)
+    assert {c.shape[1] for c in windows} == {3, 4}  # 3 = 3, 11 = 4+4+3, 23 = 4*5+3
+
+
 def test_windowed_model_reads_at_most_its_window():
     n, grid = 600, [1, 4, 16, 32]
     model = Recorder(CurrentCharOnly(n), context_size=8)
