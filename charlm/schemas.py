@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+UNITS = ("char", "byte")  # what a corpus is read as: characters (UTF-8 text) or raw bytes
+
 PRIMITIVES = (int, float, bool, str)
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "64",
               "transformer-engine", "16", "bf16")
@@ -211,6 +213,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.sampling": (lambda v: v in ("auto", "random", "stream"), "one of auto, random, stream"),
     "data.errors": (lambda v: v in ("strict", "replace"), "one of strict, replace"),
+    "data.unit": (lambda v: v in UNITS, "one of " + ", ".join(UNITS)),
     "data.max_chars": (_pos, "a positive number of characters (or null: all)"),
     "data.column": (lambda v: isinstance(v, str) and v != "", "a column name"),
     "data.hf_splits": (lambda v: v is None or (hasattr(v, "keys") and {"train", "val"} <= set(map(str, v.keys()))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from charlm.errors import UnknownCharError
+from charlm.schemas import UNITS  # noqa: F401  (one list, also checked in configs through charlm.schemas.RULES)
 
 UNKNOWN_POLICIES = ("error", "skip")
-UNITS = ("char", "byte")
 
 
 def unit_label(unit: str) -> str:
