@@ -42,3 +42,11 @@ def load_model(path, map_location="cpu"):
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
     return model.eval(), vocab, hp
+
+
+def save_model(path, model, model_cfg: dict, vocab, name: str) -> Path:
+    """A checkpoint `load_model` reads back (the model's weights, its config, the vocabulary and its name),
+    without Lightning: for models built outside charlm.train (benchmarks, tests)."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"vocab": vocab.to_dict(), "model": model_cfg, "model_name": name}}, path)
+    return Path(path)

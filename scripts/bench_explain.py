@@ -18,16 +18,14 @@ def write_lstm_ckpt(path: Path, seed: int) -> Path:
     """A charlm checkpoint of an untrained default LSTM (the contract's keys: state_dict, model config, vocab)."""
     from omegaconf import OmegaConf
 
+    from charlm.checkpoint import save_model
     from charlm.corpus import encode_corpus
     from charlm.models.contract import build_model
 
     vocab, _ = encode_corpus(None)
     model_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "lstm.yaml"), resolve=True)
     torch.manual_seed(seed)
-    model = build_model(model_cfg, len(vocab))
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"vocab": vocab.to_dict(), "model": model_cfg, "model_name": "lstm"}}, path)
-    return path
+    return save_model(path, build_model(model_cfg, len(vocab)), model_cfg, vocab, "lstm")
 
 
 def bench_explain(work: Path, sizes: list[int]) -> list[dict]:

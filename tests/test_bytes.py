@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from charlm.checkpoint import save_model
 from charlm.cli import compose
 from charlm.corpus import encode_corpus
 from charlm.data import CharDataModule
@@ -79,9 +80,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary(enwik8_file,
     model = build_model(model_cfg, len(vocab))
     torch.nn.init.zeros_(model.head.weight)
     torch.nn.init.zeros_(model.head.bias)                                  # equal logits: p = 1 / V everywhere
-    ckpt = tmp_path / "uniform.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"vocab": vocab.to_dict(), "model": model_cfg, "model_name": "lstm"}}, ckpt)
+    ckpt = save_model(tmp_path / "uniform.ckpt", model, model_cfg, vocab, "lstm")
     out = evaluate(compose("evaluate", [f"ckpt_path={ckpt}", "data=enwik8", f"data.path={enwik8_file}",
                                         "split=test", "eval.window_batches=0", "device=cpu"]))
     V = len(vocab)

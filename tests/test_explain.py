@@ -17,6 +17,7 @@ from conftest import TINY, TINY_SIZES, run_cli
 from omegaconf import OmegaConf
 from torch.utils._pytree import tree_flatten
 
+from charlm.checkpoint import save_model
 from charlm.cli import compose
 from charlm.errors import CharLMError
 from charlm.evaluate import evaluate
@@ -45,9 +46,7 @@ def tiny_model(name: str) -> tuple[torch.nn.Module, dict]:
 
 def write_ckpt(path: Path, name: str) -> Path:
     model, model_cfg = tiny_model(name)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"vocab": VOCAB.to_dict(), "model": model_cfg, "model_name": name}}, path)
-    return path
+    return save_model(path, model, model_cfg, VOCAB, name)
 
 
 def explain_cfg(**keys):
