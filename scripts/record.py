@@ -29,7 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_summary import append_cpu_record, fingerprint, machine_slug, write_json, write_record_md  # noqa: E402
+from record_summary import (  # noqa: E402
+    append_cpu_record, fingerprint, machine_slug, mixed_calibrations, read_json, write_json, write_record_md,
+)
 
 PARTS = ("calibration", "train", "budgets", "compare", "report", "bench")
 BUDGET_RECIPES = ("cpu_2min", "cpu_5min")
@@ -130,8 +132,10 @@ def run_part(part: str, rec: Path, args: argparse.Namespace, env: dict) -> dict:
         if rc:
             return {"part": part, "failed": label, "rc": rc}
     collect(part, rec)
+    calibration = read_json(rec / "calibration" / "calibration.json") or {}
     done = {"part": part, "preset": args.preset, "seconds": time.perf_counter() - t_part, "steps": steps,
-            "finished": datetime.now().isoformat(timespec="seconds")}
+            "finished": datetime.now().isoformat(timespec="seconds"),
+            "calibration_tokens_per_s": calibration.get("tokens_per_s")}  # the machine's speed when it ran
     write_json(rec / part / "part.json", done)
     return done
 
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(rec / "machine.json", fingerprint(rec, a.date))  # calibration's tokens/s as soon as it is known
     write_json(rec / "machine.json", fingerprint(rec, a.date))
     write_record_md(rec, PARTS, BUDGET_RECIPES, failed)
+    if mixed := mixed_calibrations(rec, PARTS):
+        print(f"record: warning: {mixed}", file=sys.stderr)
     print("\nrecord: " + ", ".join(f"{p} {r.get('seconds', 0):.0f} s" + (" FAILED" if "failed" in r else "")
                                    for p, r in ran.items()) + f"; total {time.perf_counter() - t0:.0f} s")
     print(f"record: {rec / 'record.md'}, {rec / 'machine.json'}")

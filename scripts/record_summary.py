@@ -111,6 +111,17 @@ def part_rows(rec: Path, recipes: tuple[str, ...]) -> dict[str, tuple[str, list[
     return out
 
 
+def mixed_calibrations(rec: Path, parts: tuple[str, ...], tolerance: float = 0.10) -> str | None:
+    """A sentence when the folder's parts were measured at calibrations more than `tolerance` apart (a part
+    rerun on another machine, or the same machine much slower that day); None when they agree."""
+    seen = {p: c for p in parts if (c := (read_json(rec / p / "part.json") or {}).get("calibration_tokens_per_s"))}
+    if not seen or max(seen.values()) <= (1 + tolerance) * min(seen.values()):
+        return None
+    return ("these parts were measured at different calibrations (" + ", ".join(
+        f"{p} {c:,.0f}" for p, c in seen.items()) + " tokens/s): set figures side by side only within one "
+        "calibration, or measure every part again (make record FORCE=1)")
+
+
 def write_record_md(rec: Path, parts: tuple[str, ...], recipes: tuple[str, ...], failed: list[str]) -> None:
     """record.md: one row per part (wall time, headline), the total, then each part's tables."""
     m = read_json(rec / "machine.json") or {}
@@ -129,6 +140,8 @@ def write_record_md(rec: Path, parts: tuple[str, ...], recipes: tuple[str, ...],
             total += done["seconds"]
             md.append(f"| {part} | {wall(done['seconds'])} | {rows.get(part, ('-',))[0]} |")
     md += ["", f"Total: {wall(total)}.", ""]
+    if mixed := mixed_calibrations(rec, parts):
+        md += [f"Note: {mixed}.", ""]
     for part in parts:
         if part in rows and rows[part][1]:
             md += [f"## {part}", "", *rows[part][1], ""]

@@ -335,6 +335,20 @@ def test_layer_follows_the_papers_equations(name, T):
         torch.testing.assert_close(got, paper_layer(model, x), **TIGHT)
 
 
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_cpu_gates_are_the_log_space_gates(name):
+    """The CPU path takes (keep, in) directly, the GPU path their logs: the two must be the same gates,
+    also where the gate saturates (|logit| up to 30)."""
+    cell = tiny(name).double().blocks[0].cell
+    x = 30 * torch.randn(2, 40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        keep, inp = cell.gates(x)
+        log_keep, log_in = cell.log_gates(x)
+    torch.testing.assert_close(keep, log_keep.exp(), **TIGHT)
+    torch.testing.assert_close(inp, log_in.exp(), **TIGHT)
+    assert ((keep >= 0) & (keep <= 1)).all() and (inp >= 0).all()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_gate_openings(name):
     model = tiny(name, num_layers=3).train()

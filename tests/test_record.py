@@ -15,7 +15,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import record  # noqa: E402
-from record_summary import append_cpu_record, machine_slug  # noqa: E402
+from record_summary import append_cpu_record, machine_slug, mixed_calibrations  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 MACHINE_KEYS = {"machine", "cpu_model", "cpu_count", "cores_usable", "torch_threads", "torch", "python", "platform",
@@ -81,6 +81,19 @@ def test_budget_rows_append_to_the_attempts_table(tmp_path):
                                "| `experiment=a` (wall 131 s) | - | 1.5000 / 2.1640 | 1.6100 | 123,457 | "
                                "amd-epyc-9b14-2c | 2026-03-04 |\n"
                                "\nAfter the table.\n")
+
+
+def test_parts_measured_at_different_calibrations_are_flagged(tmp_path):
+    """A part rerun on a machine 1.5x slower than the rest: record.md says so, naming both speeds."""
+    for part, tps in (("train", 36000.0), ("budgets", 24000.0), ("compare", 37000.0)):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "part.json").write_text(json.dumps({"seconds": 1, "calibration_tokens_per_s": tps}))
+    said = mixed_calibrations(tmp_path, record.PARTS)
+    assert "train 36,000" in said and "budgets 24,000" in said and "compare 37,000" in said
+    (tmp_path / "budgets" / "part.json").write_text(json.dumps({"seconds": 1, "calibration_tokens_per_s": 34000.0}))
+    assert mixed_calibrations(tmp_path, record.PARTS) is None  # 37,000 / 34,000 is within 10%
+    (tmp_path / "budgets" / "part.json").write_text(json.dumps({"seconds": 1}))  # a record made before the key
+    assert mixed_calibrations(tmp_path, record.PARTS) is None
 
 
 def test_bad_parts_is_one_line_and_exit_2(tmp_path):

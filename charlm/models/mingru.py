@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.models.layers import ScanLM, check_dropout, check_positive
-from charlm.models.scan import log_g, positive_scan
+from charlm.models.scan import g, gated_scan, log_g, positive_scan
 
 
 class MinLogCell(nn.Module):
@@ -38,7 +38,19 @@ class MinLogCell(nn.Module):
         k, cand = self.proj(x).chunk(2, -1)                   # (B, T, E) each
         return -F.softplus(k), -F.softplus(-k) + log_g(cand)  # log(1 - z), log z + log g(h~)
 
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep_t, in_t) themselves, each (B, T, E): what the CPU's multiply-add scan takes. By default
+        the exp of `log_gates`; a cell whose gates have a cheap direct form overrides it."""
+        log_keep, log_in = self.log_gates(x)
+        return log_keep.exp(), log_in.exp()
+
     def forward(self, x: torch.Tensor, log_h0: torch.Tensor | None, probe: list | None):
+        if x.device.type == "cpu":  # positive_scan's CPU branch without the logs: a sigmoid is cheaper than softplus
+            keep, inp = self.gates(x)                         # (B, T, E) each
+            if probe is not None:
+                probe.append(keep.mean(-1))  # (B, T)
+            h = gated_scan(keep, inp, None if log_h0 is None else log_h0.exp())  # (B, T, E)
+            return h, h[:, -1].log()
         log_keep, log_in = self.log_gates(x)                  # (B, T, E) each
         if probe is not None:
             probe.append(log_keep.exp().mean(-1))  # (B, T)
@@ -47,6 +59,10 @@ class MinLogCell(nn.Module):
 
 class MinGRUCell(MinLogCell):
     """minGRU: one gate z_t; 1 - z_t is the memory gate."""
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, cand = self.proj(x).chunk(2, -1)                   # (B, T, E) each
+        return torch.sigmoid(-k), torch.sigmoid(k) * g(cand)  # 1 - z, z * g(h~)
 
 
 class MinBlock(nn.Module):

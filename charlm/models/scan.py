@@ -196,12 +196,18 @@ class _LinearScan(torch.autograd.Function):
 def linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
     """h for h_t = a_t * h_{t-1} + b_t with a_t = exp(log_a) in (0, 1] and real b_t; log_a, b (B, T, ...),
     h0 (B, ...) (None: zeros). Stable in float32 for any decay; differentiable (once) in all three."""
-    dtype = torch.promote_types(log_a.dtype, b.dtype)  # one dtype for the in-place steps, also under autocast
+    return gated_scan(log_a.exp(), b, h0)
+
+
+def gated_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear_scan` given the gates a_t in [0, 1] themselves rather than their logs (a model that computes
+    them directly saves an exp and a log per element); a, b (B, T, ...), h0 (B, ...) (None: zeros)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)  # one dtype for the in-place steps, also under autocast
     if b.shape[1] == 1 and h0 is not None:  # one step from a carried state (sampling): no scan
-        return torch.addcmul(b.to(dtype), log_a.to(dtype).exp(), h0.to(dtype).unsqueeze(1))
-    log_a, b = torch.broadcast_tensors(log_a.to(dtype), b.to(dtype))
+        return torch.addcmul(b.to(dtype), a.to(dtype), h0.to(dtype).unsqueeze(1))
+    a, b = torch.broadcast_tensors(a.to(dtype), b.to(dtype))
     h0 = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(dtype)
-    return _LinearScan.apply(log_a.exp().contiguous(), b.contiguous(), h0.contiguous())
+    return _LinearScan.apply(a.contiguous(), b.contiguous(), h0.contiguous())
 
 
 def positive_scan(
