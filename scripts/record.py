@@ -30,7 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record_summary import (  # noqa: E402
-    append_cpu_record, fingerprint, machine_slug, mixed_calibrations, read_json, write_json, write_record_md,
+    append_cpu_record,
+    fingerprint,
+    machine_slug,
+    mixed_calibrations,
+    read_json,
+    write_json,
+    write_record_md,
 )
 
 PARTS = ("calibration", "train", "budgets", "compare", "report", "bench")

@@ -25,7 +25,7 @@ from charlm.yardstick import IGNORE, eval_dataset
 
 GRID = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024]  # ~sqrt(2) steps
 CHUNK = 64  # characters a recurrent model reads per call of a long window, its state carried
-BATCH = 64  # windows per forward call: 64 x 64 characters stay nearer the cache than 256 rows (minGRU, Hawk ~20% faster)
+BATCH = 64  # windows per forward call: 64 x 64 characters stay nearer the cache than 256 rows (minGRU ~15% faster)
 THRESHOLD = 0.01  # relative distance to the full-context loss that counts as "all the context it uses"
 
 
