@@ -16,6 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "disabled"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one thread each for in-process math
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and for the CLIs they start: tiny models gain nothing from two
 
 # Overrides that make any training run take seconds on a CPU.
 TINY = [
