@@ -45,7 +45,7 @@ COMPARE_MODELS ?= models=[rnn,lstm,gru,transformer,mingru,hawk]
 compare: $(STAMP)          ## 6 models x 3 seeds, 70 s each, <= ~30 min on 2 CPU cores (conf/compare.yaml; COMPARE_MODELS=models=null: all; COMPARE_BUDGET=budget.tokens=2000000)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m charlm.compare $(COMPARE_BUDGET) '$(COMPARE_MODELS)' 'seeds=[1,2,3]' $(ARGS)
 
-record: $(STAMP)           ## every published figure, one process at a time, into results/MACHINE/DATE/ (~75 min on 2 CPU cores; PARTS=calibration,train,budgets,compare,report,bench FORCE=1 RECORD_PRESET=tiny)
+record: $(STAMP)           ## every published figure, one process at a time, into results/MACHINE/DATE/ (75-95 min on 2 CPU cores, by their speed; PARTS=calibration,train,budgets,compare,report,bench FORCE=1 RECORD_PRESET=tiny)
 	PARTS=$(PARTS) FORCE=$(FORCE) RECORD_PRESET=$(RECORD_PRESET) $(PY) scripts/record.py $(ARGS)
 
 lint: $(STAMP)
