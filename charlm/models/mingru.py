@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.models.layers import ScanLM, check_dropout, check_positive
-from charlm.models.scan import g, gated_scan, log_g, positive_scan
+from charlm.models.scan import g, log_g, positive_gated_scan, positive_scan
 
 
 class MinLogCell(nn.Module):
@@ -49,8 +49,7 @@ class MinLogCell(nn.Module):
             keep, inp = self.gates(x)                         # (B, T, E) each
             if probe is not None:
                 probe.append(keep.mean(-1))  # (B, T)
-            h = gated_scan(keep, inp, None if log_h0 is None else log_h0.exp())  # (B, T, E)
-            return h, h[:, -1].log()
+            return positive_gated_scan(keep, inp, log_h0)    # (B, T, E), (B, E)
         log_keep, log_in = self.log_gates(x)                  # (B, T, E) each
         if probe is not None:
             probe.append(log_keep.exp().mean(-1))  # (B, T)

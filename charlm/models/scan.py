@@ -222,7 +222,16 @@ def positive_scan(
     (a GPU), the log-space `log_scan`, whose logcumsumexp is one kernel.
     """
     if log_a.device.type == "cpu":
-        h = linear_scan(log_a, log_b.exp(), None if log_h0 is None else log_h0.exp())  # (B, T, ...)
-        return h, h[:, -1].log()
+        return positive_gated_scan(log_a.exp(), log_b.exp(), log_h0)
     log_h = log_scan(log_a, log_b, log_h0)                                          # (B, T, ...)
     return log_h.exp(), log_h[:, -1].clone()
+
+
+def positive_gated_scan(
+    a: torch.Tensor, b: torch.Tensor, log_h0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`positive_scan`'s CPU form given a_t in (0, 1) and b_t > 0 themselves (a model that computes its
+    gates directly saves the exp of their logs): (h (B, T, ...), log h_T (B, ...)), the state in and out
+    as logs as there."""
+    h = gated_scan(a, b, None if log_h0 is None else log_h0.exp())                 # (B, T, ...)
+    return h, h[:, -1].log()
