@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import sys
 import time
 import warnings
@@ -51,21 +52,33 @@ def sync() -> None:
 
 
 class Window:
-    """Times steps warmup+1..steps (synced at both ends); on CUDA then counts host syncs over SYNC_PROBE steps."""
+    """Times steps warmup+1..steps (synced at both ends); on CUDA then counts host syncs over SYNC_PROBE steps.
+
+    tokens_per_s is the median over BLOCKS equal runs of consecutive steps of each one's rate, so that a
+    burst of other work on a shared machine (a neighbour, a page-cache flush) costs one block, not the
+    figure; mean_tokens_per_s is the whole window's rate. charlm's periodic work (a log line every 50
+    steps) is far below a block's share of the noise. On a GPU, where a clock read per step would
+    need a sync, the window is one block."""
+
+    BLOCKS = 6
 
     def __init__(self, spec: dict):
         self.warmup, self.steps, self.done, self.result, self.rss0 = spec["warmup"], spec["steps"], 0, {}, rss_mb()
-        self.tokens = (spec["steps"] - spec["warmup"]) * spec["batch_size"] * spec["block_size"]
+        self.step_tokens = spec["batch_size"] * spec["block_size"]
+        self.stamps: list[tuple[int, float]] = []  # (steps done, clock)
 
     def step_done(self) -> None:
         self.done += 1
-        if self.done == self.warmup:
-            sync()
-            self.t0 = time.perf_counter()
-        elif self.done == self.steps:
-            sync()
-            seconds = time.perf_counter() - self.t0
-            self.result = {"tokens_per_s": self.tokens / seconds, "seconds": seconds, **memory(self.rss0)}
+        ends = self.done in (self.warmup, self.steps)
+        if self.warmup <= self.done <= self.steps and (ends or not CUDA):  # on a GPU only the ends (no sync per step)
+            if ends:
+                sync()
+            self.stamps.append((self.done, time.perf_counter()))
+        if self.done == self.steps:
+            seconds = self.stamps[-1][1] - self.stamps[0][1]
+            self.result = {"tokens_per_s": block_median_rate(self.stamps, self.step_tokens, self.BLOCKS),
+                           "mean_tokens_per_s": self.step_tokens * (self.steps - self.warmup) / seconds,
+                           "seconds": seconds, **memory(self.rss0)}
             if CUDA:
                 self._catch = warnings.catch_warnings(record=True)
                 self._seen = self._catch.__enter__()
@@ -77,6 +90,16 @@ class Window:
             syncs = [w for w in self._seen if "synchroniz" in str(w.message)]
             self.result["host_syncs_per_step"] = len(syncs) / SYNC_PROBE
             self.result["host_sync_sites"] = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+
+
+def block_median_rate(stamps: list[tuple[int, float]], step_tokens: int, blocks: int) -> float:
+    """Tokens/s: the median over `blocks` runs of consecutive clock readings (as equal as the count
+    allows) of each run's rate; stamps are (steps done, clock) from the window's start to its end."""
+    blocks = max(1, min(blocks, len(stamps) - 1))
+    cuts = [round(i * (len(stamps) - 1) / blocks) for i in range(blocks + 1)]  # indices into stamps
+    rates = [step_tokens * (stamps[b][0] - stamps[a][0]) / (stamps[b][1] - stamps[a][1])
+             for a, b in zip(cuts, cuts[1:])]
+    return statistics.median(rates)
 
 
 def child_charlm(spec: dict) -> dict:

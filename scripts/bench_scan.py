@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charlm.models.scan import linear_scan, log_scan, positive_scan, sequential_scan  # noqa: E402
+from charlm.models.scan import linear_scan, log_scan, positive_scan, selective_scan, sequential_scan  # noqa: E402
 
 
 def timed(fn, inputs: list[torch.Tensor], repeats: int) -> float:
@@ -56,12 +56,26 @@ def scans(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, o
         out.append((f"log_scan {method} (minGRU)", f"{B}x{T}x{D}",
                     lambda la, lb, method=method: log_scan(la, lb, method=method).exp().sum(),
                     lambda la, lb: sequential_scan(la.exp(), lb.exp()).sum(), [log_a.to(device), log_b.to(device)]))
-    for name, rest in (("linear_scan (Hawk RG-LRU)", (112,)), ("linear_scan (Mamba SSM)", (256, 8))):
-        log_a, b = -F.softplus(torch.randn(B, T, *rest, generator=gen)), torch.randn(B, T, *rest, generator=gen)
-        out.append((name, "x".join(map(str, (B, T, *rest))),
-                    lambda la, b: linear_scan(la, b).sum(),
-                    lambda la, b: sequential_scan(la.exp(), b).sum(), [log_a.to(device), b.to(device)]))
+    W = 112  # hawk.yaml's recurrence width
+    log_a, b = -F.softplus(torch.randn(B, T, W, generator=gen)), torch.randn(B, T, W, generator=gen)
+    out.append(("linear_scan (Hawk RG-LRU)", f"{B}x{T}x{W}", lambda la, b: linear_scan(la, b).sum(),
+                lambda la, b: sequential_scan(la.exp(), b).sum(), [log_a.to(device), b.to(device)]))
+    E, N = 256, 8  # mamba.yaml: inner width 2 x 128, state 8
+    dt = F.softplus(torch.randn(B, T, E, generator=gen) - 3)
+    A = -torch.arange(1.0, N + 1).repeat(E, 1)
+    Bt, Ct, u = torch.randn(B, T, N, generator=gen), torch.randn(B, T, N, generator=gen), torch.randn(B, T, E, generator=gen)
+    out.append(("selective_scan (Mamba SSM)", f"{B}x{T}x{E}x{N}", lambda *x: selective_scan(*x)[0].sum(),
+                lambda *x: selective_loop(*x).sum(), [t.to(device) for t in (dt, A, Bt, Ct, u)]))
     return out
+
+
+def selective_loop(dt, A, Bt, Ct, u):
+    """Mamba's recurrence step by step: h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, y_t = h_t C_t."""
+    h, ys = torch.zeros(dt.shape[0], *A.shape, device=dt.device), []  # (B, E, N)
+    for t in range(dt.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[:, :, None] * Bt[:, t, None, :]
+        ys.append((h * Ct[:, t, None, :]).sum(-1))                    # (B, E)
+    return torch.stack(ys, 1)                                         # (B, T, E)
 
 
 def blocks(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, object, list[torch.Tensor]]]:

@@ -116,3 +116,16 @@ def test_largest_change_against_a_previous_run():
     assert change["what"] == "rnn stream" and abs(change["change"] - (-0.20)) < 1e-12
     assert bench.largest_change({"models": {"rnn": {"ratio": 0.9}}}, res({"random": 0.9})) is None  # older format
     assert hasattr(bench, "LR") and not hasattr(bench, "child_bare")  # scripts/bare_loop.py sets bench_child.LR
+
+
+def test_a_burst_in_one_block_does_not_move_the_rate():
+    from bench_child import block_median_rate
+
+    steady = [(step, step * 0.02) for step in range(20, 201)]  # 100 tokens per 20 ms step: 5,000 tokens/s
+    assert block_median_rate(steady, 100, 6) == pytest.approx(5000)
+    burst = [(step, t + (3.0 if step >= 50 else 0.0)) for step, t in steady]  # 3 s lost inside the first block
+    assert block_median_rate(burst, 100, 6) == pytest.approx(5000)
+    whole = 100 * 180 / (burst[-1][1] - burst[0][1])  # what the whole window's mean would say: ~2,700
+    assert whole < 3000
+    # two readings (a GPU window): the one block is the whole window
+    assert block_median_rate([(20, 1.0), (200, 4.6)], 100, 6) == pytest.approx(100 * 180 / 3.6)

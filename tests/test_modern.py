@@ -122,6 +122,58 @@ def test_linear_scan_gradients_equal_the_loops(T):
     assert torch.autograd.gradcheck(linear_scan, inputs)
 
 
+@pytest.mark.parametrize("T, block, rows", [(1, 64, 8), (7, 3, 2), (37, 8, 3), (70, 64, 8)])
+def test_selective_scan_and_its_gradients_equal_the_loop(T, block, rows):
+    """Mamba's fused scan (its (B, T, E, N) tensors rebuilt tile by tile in backward) against the
+    recurrence written out: a = exp(dt A), b = dt u B, the loop, y = h . C; cut across batch rows
+    and time blocks, the last of each short."""
+    from charlm.models.scan import selective_scan
+
+    gen = torch.Generator().manual_seed(T)
+    B, E, N = 5, 3, 2
+    dt = torch.rand(B, T, E, generator=gen, dtype=torch.float64) * 0.5
+    A = -torch.rand(E, N, generator=gen, dtype=torch.float64) * 2
+    Bt, Ct = (torch.randn(B, T, N, generator=gen, dtype=torch.float64) for _ in range(2))
+    u = torch.randn(B, T, E, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(B, E, N, generator=gen, dtype=torch.float64)
+    w_y, w_h = torch.randn(B, T, E, generator=gen, dtype=torch.float64), torch.randn(B, E, N, generator=gen,
+                                                                                     dtype=torch.float64)
+
+    def loop(dt, A, Bt, Ct, u, h0):
+        h, ys = h0, []
+        for t in range(T):
+            h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[:, :, None] * Bt[:, t, None, :]
+            ys.append((h * Ct[:, t, None, :]).sum(-1))  # (B, E)
+        return torch.stack(ys, 1), h
+
+    results = []
+    for fn in (lambda *x: selective_scan(*x, block=block, rows=rows), loop):
+        inputs = [t.clone().requires_grad_(True) for t in (dt, A, Bt, Ct, u, h0)]
+        y, h = fn(*inputs)
+        ((y * w_y).sum() + (h * w_h).sum()).backward()
+        results.append([y, h, *(t.grad for t in inputs)])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **TIGHT)
+
+
+@pytest.mark.parametrize("loop_from", [1, 10**9])  # every step one by one (big steps), or the chunks
+def test_chunked_scan_both_ways_equals_the_loop(monkeypatch, loop_from):
+    from charlm.models import scan
+
+    monkeypatch.setattr(scan, "LOOP_MIN_ELEMENTS", loop_from)
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 23, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 23, 3, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(scan.chunked_scan(a, b, h0), sequential_scan(a, b, h0), **TIGHT)
+    backwards = sequential_scan(a.flip(1), b.flip(1), h0).flip(1)  # h_t = a_t h_{t+1} + b_t from the end
+    torch.testing.assert_close(scan.chunked_scan(a, b, h0, reverse=True), backwards, **TIGHT)
+    log_h = scan.chunked_scan(a.log(), b.abs().log(), h0.abs().log(), log_space=True)
+    torch.testing.assert_close(log_h.exp(), sequential_scan(a, b.abs(), h0.abs()), **TIGHT)
+    out = b.clone()  # in place, into b itself
+    torch.testing.assert_close(scan.chunked_scan(a, out, h0, out=out), sequential_scan(a, b, h0), **TIGHT)
+
+
 def test_float32_scans_survive_strong_decay():
     """a_t ~ 1e-6 next to a_t ~ 1 over 2000 steps: finite in float32 and close to the float64 loop."""
     gen = torch.Generator().manual_seed(0)
