@@ -47,18 +47,57 @@ QUIET = ["logger=none", "eval.max_chars=2048", "eval.window_batches=0", "sample.
 FIRST = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "hawk", "mamba"]  # then the others, by name
 
 
-def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dict:
+def child_env(env: dict | None = None) -> dict:
+    return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+
+
+def start_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path, str]:
     tag = f"{kind}-{spec['name']}-{spec.get('mode', '')}"
     spec_path, log = work / f"{tag}.json", work / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
-    e = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     with open(log, "w") as fh:
-        rc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_child.py")), kind, str(spec_path)],
-                            cwd=ROOT, env=e,
-                            stdout=fh, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bench_child.py")), kind,
+                                 str(spec_path)], cwd=ROOT, env=child_env(env), stdout=fh, stderr=subprocess.STDOUT)
+    return proc, spec_path, tag
+
+
+def finish_child(proc: subprocess.Popen, spec_path: Path, tag: str, others=()) -> dict:
+    rc = proc.wait()
     if rc != 0:
-        sys.exit(f"bench: {tag} failed ({rc}):\n" + log.read_text()[-3000:])
+        for other in others:  # a partner waiting for its turn would wait forever
+            other.kill()
+        sys.exit(f"bench: {tag} failed ({rc}):\n" + spec_path.with_suffix(".log").read_text()[-3000:])
     return json.loads(spec_path.with_suffix(".out").read_text())
+
+
+def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dict:
+    return finish_child(*start_child(kind, spec, work, env))
+
+
+def run_pair(charlm_spec: dict, bare_spec: dict, work: Path, charlm_first: bool) -> tuple[dict, dict]:
+    """charlm and the bare loop at once, taking turns slice by slice (bench_child.Turns) through two
+    named pipes; `charlm_first` says which side starts."""
+    pipes = [work / "to-charlm", work / "to-bare"]
+    for pipe in pipes:
+        pipe.unlink(missing_ok=True)
+        os.mkfifo(pipe)
+    turns = [{"my_pipe": str(pipes[0]), "their_pipe": str(pipes[1]), "first": charlm_first},
+             {"my_pipe": str(pipes[1]), "their_pipe": str(pipes[0]), "first": not charlm_first}]
+    c = start_child("charlm", charlm_spec | {"turns": turns[0]}, work)
+    b = start_child("bare", bare_spec | {"turns": turns[1]}, work)
+    polls = (c, b)
+    while all(p[0].poll() is None for p in polls):  # whichever fails first, its partner is stopped
+        time.sleep(0.2)
+    return finish_child(*c, others=[b[0]]), finish_child(*b, others=[c[0]])
+
+
+def paired_ratio(charlm: dict, bare: dict) -> float:
+    """The median over slices of charlm's rate over the bare loop's in the same turn (the slices of a
+    pair ran next to each other in time); the whole windows' ratio when there are no slices."""
+    pairs = list(zip(charlm.get("slices", []), bare.get("slices", [])))
+    if not pairs:
+        return charlm["tokens_per_s"] / bare["tokens_per_s"]
+    return statistics.median(c / b for c, b in pairs)
 
 
 # ---- sampling and scans, in this process ----------------------------------------------------
@@ -233,12 +272,11 @@ def main() -> None:
                 spec = {"name": name, "mode": mode, "steps": steps, "warmup": warmup, "block_size": block,
                         "batch_size": batch, "overrides": overrides, **bare}
                 runs = []
-                for i in range(a.repeats):
+                for i in range(a.repeats):  # who starts alternates
                     run_dir = work / f"{name}-{mode}-{i}"
-                    c = run_child("charlm", spec | {"overrides": [*overrides, f"hydra.run.dir={run_dir}"],
-                                                    "run_dir": str(run_dir)}, work)
-                    runs.append((c, run_child("bare", spec, work)))
-                ratios = sorted(r[0]["tokens_per_s"] / r[1]["tokens_per_s"] for r in runs)
+                    runs.append(run_pair(spec | {"overrides": [*overrides, f"hydra.run.dir={run_dir}"],
+                                                 "run_dir": str(run_dir)}, spec, work, charlm_first=i % 2 == 0))
+                ratios = sorted(paired_ratio(*r) for r in runs)
                 c, b = (sorted((r[i] for r in runs), key=lambda x: x["tokens_per_s"])[(len(runs) - 1) // 2]
                         for i in (0, 1))  # each side's median run
                 if (c["params"], c["precision"], c["sampling"]) != (b["params"], b["precision"], mode):

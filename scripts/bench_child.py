@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
+import os
 import sys
 import time
 import warnings
@@ -51,39 +51,71 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+class Turns:
+    """Two measuring processes taking turns on the machine through two named pipes (made by the parent):
+    a process runs only while it holds the turn, and hands it over by writing one byte to the other's
+    pipe, then waits for a byte on its own. The side that does not start waits before its first step;
+    each side hands over after each timed slice; after its last, the side that started waits for the
+    other's last slice, the other goes on. Both first meet once, so that neither's start-up (imports,
+    building) runs during the other's slices."""
+
+    def __init__(self, spec: dict):
+        self.mine = os.open(spec["my_pipe"], os.O_RDWR)  # read-write: opening never blocks on the other end
+        self.theirs = os.open(spec["their_pipe"], os.O_RDWR)
+        self.first = spec["first"]
+        self.hand_over(wait=True)  # both ready (start-up done) before either starts its steps
+        if not self.first:
+            self.wait()
+
+    def wait(self) -> None:
+        os.read(self.mine, 1)
+
+    def hand_over(self, wait: bool) -> None:
+        os.write(self.theirs, b".")
+        if wait:
+            self.wait()
+
+
 class Window:
-    """Times steps warmup+1..steps (synced at both ends); on CUDA then counts host syncs over SYNC_PROBE steps.
+    """Times steps warmup+1..steps in slices of `slice` steps (synced at both ends of each); on CUDA
+    then counts host syncs over SYNC_PROBE steps.
 
-    tokens_per_s is the median over BLOCKS equal runs of consecutive steps of each one's rate, so that a
-    burst of other work on a shared machine (a neighbour, a page-cache flush) costs one block, not the
-    figure; mean_tokens_per_s is the whole window's rate. charlm's periodic work (a log line every 50
-    steps) is far below a block's share of the noise. On a GPU, where a clock read per step would
-    need a sync, the window is one block."""
-
-    BLOCKS = 6
+    With `turns` in the spec, charlm and the bare loop run at once in two processes and take turns
+    slice by slice (`Turns`): each slice of one side sits next to a slice of the other in time, so
+    both meet the same machine (a 2-core VM drifts by 30% over tens of seconds), and the time spent
+    waiting for the turn is not counted. tokens_per_s is the whole window's rate over its own slices;
+    `slices` keeps each one's rate, for the parent's paired ratios."""
 
     def __init__(self, spec: dict):
         self.warmup, self.steps, self.done, self.result, self.rss0 = spec["warmup"], spec["steps"], 0, {}, rss_mb()
         self.step_tokens = spec["batch_size"] * spec["block_size"]
-        self.stamps: list[tuple[int, float]] = []  # (steps done, clock)
+        self.slice = spec.get("slice") or max(1, (self.steps - self.warmup) // 12)
+        self.rates: list[float] = []
+        self.spans: list[tuple[float, float]] = []  # each slice's (start, end) clock
+        self.seconds = 0.0
+        self.turns = Turns(spec["turns"]) if spec.get("turns") else None
+        self.t0 = None
 
     def step_done(self) -> None:
         self.done += 1
-        ends = self.done in (self.warmup, self.steps)
-        if self.warmup <= self.done <= self.steps and (ends or not CUDA):  # on a GPU only the ends (no sync per step)
-            if ends:
-                sync()
-            self.stamps.append((self.done, time.perf_counter()))
-        if self.done == self.steps:
-            seconds = self.stamps[-1][1] - self.stamps[0][1]
-            self.result = {"tokens_per_s": block_median_rate(self.stamps, self.step_tokens, self.BLOCKS),
-                           "mean_tokens_per_s": self.step_tokens * (self.steps - self.warmup) / seconds,
-                           "seconds": seconds, **memory(self.rss0)}
-            if CUDA:
-                self._catch = warnings.catch_warnings(record=True)
-                self._seen = self._catch.__enter__()
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
+        timed = self.done - self.warmup
+        if timed == 0:
+            sync()
+            self.t0 = time.perf_counter()
+        elif timed > 0 and (timed % self.slice == 0 or self.done == self.steps) and self.done <= self.steps:
+            sync()
+            end = time.perf_counter()  # CLOCK_MONOTONIC on Linux: comparable across processes
+            seconds = end - self.t0
+            self.spans.append((self.t0, end))
+            self.seconds += seconds
+            steps = timed - self.slice * len(self.rates)  # this slice's (the last one may be short)
+            self.rates.append(self.step_tokens * steps / seconds)
+            last = self.done == self.steps
+            if self.turns is not None:  # the first side also waits after its last slice: the other's is to come
+                self.turns.hand_over(wait=not last or self.turns.first)
+            self.t0 = time.perf_counter()
+            if last:
+                self._finish()
         elif CUDA and self.done == self.steps + SYNC_PROBE:
             torch.cuda.set_sync_debug_mode(0)
             self._catch.__exit__(None, None, None)
@@ -91,15 +123,15 @@ class Window:
             self.result["host_syncs_per_step"] = len(syncs) / SYNC_PROBE
             self.result["host_sync_sites"] = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
 
-
-def block_median_rate(stamps: list[tuple[int, float]], step_tokens: int, blocks: int) -> float:
-    """Tokens/s: the median over `blocks` runs of consecutive clock readings (as equal as the count
-    allows) of each run's rate; stamps are (steps done, clock) from the window's start to its end."""
-    blocks = max(1, min(blocks, len(stamps) - 1))
-    cuts = [round(i * (len(stamps) - 1) / blocks) for i in range(blocks + 1)]  # indices into stamps
-    rates = [step_tokens * (stamps[b][0] - stamps[a][0]) / (stamps[b][1] - stamps[a][1])
-             for a, b in zip(cuts, cuts[1:])]
-    return statistics.median(rates)
+    def _finish(self) -> None:
+        self.result = {"tokens_per_s": self.step_tokens * (self.steps - self.warmup) / self.seconds,
+                       "seconds": self.seconds, "slices": self.rates, "spans": self.spans,
+                       **memory(self.rss0)}
+        if CUDA:
+            self._catch = warnings.catch_warnings(record=True)
+            self._seen = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
 
 
 def child_charlm(spec: dict) -> dict:

@@ -22,7 +22,9 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charlm.models.scan import linear_scan, log_scan, positive_scan, selective_scan, sequential_scan  # noqa: E402
+from charlm.models.scan import (  # noqa: E402
+    linear_scan, log_scan, positive_gated_scan, selective_scan, sequential_scan,
+)
 
 
 def timed(fn, inputs: list[torch.Tensor], repeats: int) -> float:
@@ -49,9 +51,9 @@ def scans(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, o
     out = []
     D = 136  # mingru.yaml's width
     log_a, log_b = -F.softplus(torch.randn(B, T, D, generator=gen)), torch.randn(B, T, D, generator=gen)
-    out.append(("positive_scan (minGRU)", f"{B}x{T}x{D}",  # what minGRU/minLSTM run: linear_scan on a CPU
-                lambda la, lb: positive_scan(la, lb)[0].sum(),
-                lambda la, lb: sequential_scan(la.exp(), lb.exp()).sum(), [log_a.to(device), log_b.to(device)]))
+    a, b = log_a.exp(), log_b.exp()  # minGRU/minLSTM compute their gate and input directly on a CPU
+    out.append(("positive_gated_scan (minGRU)", f"{B}x{T}x{D}", lambda a, b: positive_gated_scan(a, b)[0].sum(),
+                lambda a, b: sequential_scan(a, b).sum(), [a.to(device), b.to(device)]))
     for method in ("chunked", "heinsen"):  # the log-space forms positive_scan takes on a GPU
         out.append((f"log_scan {method} (minGRU)", f"{B}x{T}x{D}",
                     lambda la, lb, method=method: log_scan(la, lb, method=method).exp().sum(),

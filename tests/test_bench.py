@@ -52,7 +52,7 @@ def test_bench_writes_results_for_both_modes(tmp_path):
         "single_recompute_chars_per_s", "batch64_recompute_chars_per_s", "single_cache_speedup",
         "batch64_cache_speedup"], "transformer.sampling")
     scans = {s["what"].split()[0] for s in res["scans"]}
-    assert scans >= {"positive_scan", "log_scan", "linear_scan", "mingru", "mamba"}
+    assert scans >= {"positive_gated_scan", "log_scan", "linear_scan", "selective_scan", "mingru", "mamba"}
     for s in res["scans"]:
         positive(s, ["parallel_ms", "loop_ms", "speedup"], s["what"])
     positive(res["data"], ["mb", "encode_s", "mb_per_s", "prepare_again_s", "peak_rss_mb"], "data")
@@ -118,14 +118,48 @@ def test_largest_change_against_a_previous_run():
     assert hasattr(bench, "LR") and not hasattr(bench, "child_bare")  # scripts/bare_loop.py sets bench_child.LR
 
 
-def test_a_burst_in_one_block_does_not_move_the_rate():
-    from bench_child import block_median_rate
+def test_a_slow_spell_cancels_out_of_the_paired_ratio():
+    from bench import paired_ratio
 
-    steady = [(step, step * 0.02) for step in range(20, 201)]  # 100 tokens per 20 ms step: 5,000 tokens/s
-    assert block_median_rate(steady, 100, 6) == pytest.approx(5000)
-    burst = [(step, t + (3.0 if step >= 50 else 0.0)) for step, t in steady]  # 3 s lost inside the first block
-    assert block_median_rate(burst, 100, 6) == pytest.approx(5000)
-    whole = 100 * 180 / (burst[-1][1] - burst[0][1])  # what the whole window's mean would say: ~2,700
-    assert whole < 3000
-    # two readings (a GPU window): the one block is the whole window
-    assert block_median_rate([(20, 1.0), (200, 4.6)], 100, 6) == pytest.approx(100 * 180 / 3.6)
+    # charlm at 0.9 of the bare loop throughout; the machine halves its speed for slices 3-5 of both
+    speed = [1, 1, 1, 0.5, 0.5, 0.5, 1, 1]
+    charlm = {"tokens_per_s": 0.0, "slices": [900 * s for s in speed]}
+    bare = {"tokens_per_s": 0.0, "slices": [1000 * s for s in speed]}
+    assert paired_ratio(charlm, bare) == pytest.approx(0.9)
+    # one slice hit by a burst on one side only moves one pair, not the median
+    charlm["slices"][1] = 300
+    assert paired_ratio(charlm, bare) == pytest.approx(0.9)
+    # no slices (an old result): the whole windows' ratio
+    assert paired_ratio({"tokens_per_s": 450.0}, {"tokens_per_s": 500.0}) == pytest.approx(0.9)
+
+
+def test_the_two_sides_take_turns(tmp_path):
+    """Two bare-loop children in turns: each one's slices are separated in time by the other's, and
+    neither's window overlaps the other's slices."""
+    from bench import run_pair
+
+    spec = {"name": "rnn", "mode": "random", "steps": 8, "warmup": 2, "slice": 2, "block_size": 8, "batch_size": 2,
+            "overrides": [], "compile": False, "precision": "32-true",
+            "model": {"_target_": "charlm.models.rnn.RNNLM", "cell": "rnn", "embed_dim": 8, "hidden_dim": 8,
+                      "num_layers": 1, "dropout": 0.0}}
+    import bench
+
+    starts = []
+    real_start = bench.start_child
+
+    def start_child(kind, s, work, env=None):
+        starts.append(kind)
+        return real_start("bare", s | {"name": f"{kind}"}, work, {**(env or {}), "OMP_NUM_THREADS": "1"})
+
+    bench.start_child = start_child
+    try:
+        a, b = run_pair(spec, spec, tmp_path, charlm_first=True)
+    finally:
+        bench.start_child = real_start
+    assert starts == ["charlm", "bare"]
+    assert len(a["slices"]) == len(b["slices"]) == 3
+    assert all(r > 0 for r in a["slices"] + b["slices"])
+    # in time: a's slice 1, b's slice 1, a's slice 2, ... and no two overlap
+    spans = sorted([(*span, "a") for span in a["spans"]] + [(*span, "b") for span in b["spans"]])
+    assert [side for *_, side in spans] == ["a", "b"] * 3
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))
