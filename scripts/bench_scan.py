@@ -23,7 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from charlm.models.scan import (  # noqa: E402
-    linear_scan, log_scan, positive_gated_scan, selective_scan, sequential_scan,
+    linear_scan,
+    log_scan,
+    positive_gated_scan,
+    selective_scan,
+    sequential_scan,
 )
 
 
@@ -65,7 +69,8 @@ def scans(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, o
     E, N = 256, 8  # mamba.yaml: inner width 2 x 128, state 8
     dt = F.softplus(torch.randn(B, T, E, generator=gen) - 3)
     A = -torch.arange(1.0, N + 1).repeat(E, 1)
-    Bt, Ct, u = torch.randn(B, T, N, generator=gen), torch.randn(B, T, N, generator=gen), torch.randn(B, T, E, generator=gen)
+    Bt, Ct = torch.randn(B, T, N, generator=gen), torch.randn(B, T, N, generator=gen)
+    u = torch.randn(B, T, E, generator=gen)
     out.append(("selective_scan (Mamba SSM)", f"{B}x{T}x{E}x{N}", lambda *x: selective_scan(*x)[0].sum(),
                 lambda *x: selective_loop(*x).sum(), [t.to(device) for t in (dt, A, Bt, Ct, u)]))
     return out

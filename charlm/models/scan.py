@@ -258,10 +258,10 @@ def selective_scan(
     dt = Δ and u (B, T, E), A (E, N) <= 0, Bt and Ct (B, T, N), h0 (B, E, N) (None: zeros).
 
     The (B, T, E, N) gate, input and state are built inside the scan, `rows` batch rows by `block` steps
-    at a time (a tile that stays in a CPU's cache), read out at once and dropped: training keeps only
-    the inputs and each tile's starting state, and backward builds them again (`_SelectiveScan`).
-    Inside, the state index comes before the channel, (B, S, N, E), so that every elementwise step runs
-    along the long E axis rather than the short N one (3x faster on a CPU for N = 8).
+    at a time, read out at once and dropped: training keeps only the inputs and each tile's starting
+    state, and backward builds them again (`_SelectiveScan`), so no (B, T, E, N) tensor outlives a tile.
+    Inside, the state index comes before the channel, (B, S, N, E), so that every elementwise step and
+    sum runs along the long E axis (256 contiguous numbers at mamba.yaml's size) rather than N (8).
     One step from a carried state (sampling) runs the recurrence directly.
     """
     dtype = torch.promote_types(dt.dtype, A.dtype)  # float32 also under autocast: products of many gates
