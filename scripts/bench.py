@@ -85,10 +85,11 @@ def run_pair(charlm_spec: dict, bare_spec: dict, work: Path, charlm_first: bool)
              {"my_pipe": str(pipes[1]), "their_pipe": str(pipes[0]), "first": not charlm_first}]
     c = start_child("charlm", charlm_spec | {"turns": turns[0]}, work)
     b = start_child("bare", bare_spec | {"turns": turns[1]}, work)
-    polls = (c, b)
-    while all(p[0].poll() is None for p in polls):  # whichever fails first, its partner is stopped
+    while c[0].poll() is None and b[0].poll() is None:
         time.sleep(0.2)
-    return finish_child(*c, others=[b[0]]), finish_child(*b, others=[c[0]])
+    done, rest = (c, b) if c[0].poll() is not None else (b, c)  # the one that ended first: a failure stops the other
+    first, second = finish_child(*done, others=[rest[0]]), finish_child(*rest, others=[done[0]])
+    return (first, second) if done is c else (second, first)
 
 
 def paired_ratio(charlm: dict, bare: dict) -> float:

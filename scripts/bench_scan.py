@@ -22,13 +22,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charlm.models.scan import (  # noqa: E402
-    linear_scan,
-    log_scan,
-    positive_gated_scan,
-    selective_scan,
-    sequential_scan,
-)
+from charlm.models.scan import linear_scan, log_scan, positive_gated_scan, sequential_scan  # noqa: E402
+from charlm.models.selective import selective_scan  # noqa: E402
 
 
 def timed(fn, inputs: list[torch.Tensor], repeats: int) -> float:

@@ -163,3 +163,20 @@ def test_the_two_sides_take_turns(tmp_path):
     spans = sorted([(*span, "a") for span in a["spans"]] + [(*span, "b") for span in b["spans"]])
     assert [side for *_, side in spans] == ["a", "b"] * 3
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))
+
+
+def test_a_failing_side_stops_its_partner(tmp_path, monkeypatch):
+    """One side dies before its first step: the other, waiting for its turn, is stopped, and the bench
+    exits naming the failed side instead of waiting forever."""
+    import bench
+
+    good = {"name": "rnn", "mode": "random", "steps": 4, "warmup": 1, "slice": 1, "block_size": 8, "batch_size": 2,
+            "overrides": [], "compile": False, "precision": "32-true",
+            "model": {"_target_": "charlm.models.rnn.RNNLM", "cell": "rnn", "embed_dim": 8, "hidden_dim": 8,
+                      "num_layers": 1, "dropout": 0.0}}
+    broken = good | {"model": {**good["model"], "_target_": "charlm.models.rnn.NoSuchModel"}}
+    real_start = bench.start_child
+    monkeypatch.setattr(bench, "start_child", lambda kind, s, work, env=None: real_start(
+        "bare", s | {"name": kind}, work, {**(env or {}), "OMP_NUM_THREADS": "1"}))
+    with pytest.raises(SystemExit, match="bare-bare-random failed"):
+        bench.run_pair(good, broken, tmp_path, charlm_first=True)

@@ -5,7 +5,7 @@ Per channel e of the inner width and state index n, with Δ, B, C computed from 
     y_t[e] = sum_n C_t[n] h_t[e, n] + D[e] u_t[e],
 with A = -exp(A_log) < 0 diagonal. The gradient through time is the product of the exp(Δ A) in
 between: a small Δ (the input is skipped) keeps the state and its gradient, a large Δ resets both,
-and this choice is made per character. Training runs `scan.selective_scan`, which builds the
+and this choice is made per character. Training runs `selective.selective_scan`, which builds the
 (B, T, E, N) gates, inputs and states tile by tile inside the scan and keeps none of them for
 backward; sampling does one step. No CUDA or Triton kernel: keep E * N modest on a CPU.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.models.layers import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive
-from charlm.models.scan import selective_scan
+from charlm.models.selective import selective_scan
 
 
 class SelectiveSSM(nn.Module):

@@ -108,7 +108,10 @@ def min_blocks(cell_cls: type[MinLogCell], hidden_dim: int, num_layers: int, dro
 
 
 class MinGRULM(ScanLM):
-    """Embedding -> minGRU blocks -> LayerNorm -> head. State: one (log h,) per layer, log h (B, E)."""
+    """Embedding -> minGRU blocks -> LayerNorm -> head. State: one (log h,) per layer, log h (B, E).
+    A subclass with another `cell_class` (minLSTM) is the same model around another gate."""
+
+    cell_class: type[MinLogCell] = MinGRUCell
 
     def __init__(
         self,
@@ -121,5 +124,5 @@ class MinGRULM(ScanLM):
         tie_weights: bool = True,
     ):
         super().__init__()
-        blocks = min_blocks(MinGRUCell, hidden_dim, num_layers, dropout, expansion, mlp_mult)
+        blocks = min_blocks(self.cell_class, hidden_dim, num_layers, dropout, expansion, mlp_mult)
         self._build(vocab_size, hidden_dim, blocks, nn.LayerNorm(hidden_dim), dropout, tie_weights)

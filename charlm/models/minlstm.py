@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from charlm.models.layers import ScanLM
-from charlm.models.mingru import MinLogCell, min_blocks
+from charlm.models.mingru import MinGRULM, MinLogCell
 from charlm.models.scan import log_g
 
 
@@ -31,19 +29,8 @@ class MinLSTMCell(MinLogCell):
         return -F.softplus(-diff), -F.softplus(diff) + log_g(cand)
 
 
-class MinLSTMLM(ScanLM):
-    """Embedding -> minLSTM blocks -> LayerNorm -> head. State: one (log h,) per layer, log h (B, E)."""
+class MinLSTMLM(MinGRULM):
+    """Embedding -> minLSTM blocks -> LayerNorm -> head: MinGRULM around the minLSTM cell. State: one
+    (log h,) per layer, log h (B, E)."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_dim: int = 112,
-        num_layers: int = 3,
-        dropout: float = 0.0,
-        expansion: float = 1.0,
-        mlp_mult: int = 2,
-        tie_weights: bool = True,
-    ):
-        super().__init__()
-        blocks = min_blocks(MinLSTMCell, hidden_dim, num_layers, dropout, expansion, mlp_mult)
-        self._build(vocab_size, hidden_dim, blocks, nn.LayerNorm(hidden_dim), dropout, tie_weights)
+    cell_class = MinLSTMCell
