@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_child import BETAS, CLIP, CORPUS, CUDA, LR, SYNC_PROBE, sync  # noqa: E402  (the children's settings)
 from bench_report import MODES, largest_change, lowest_ratio, table, write  # noqa: E402,F401  (the tables)
+from bench_runs import paired_ratio, run_child, run_pair  # noqa: E402  (the children's processes)
 
 PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     # conf/model/*.yaml as they are: what `make train` / `make compare` run on a CPU
@@ -45,60 +45,6 @@ SHARED = ["~scheduler", f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]"
           "clip.algorithm=norm", f"clip.value={CLIP}"]
 QUIET = ["logger=none", "eval.max_chars=2048", "eval.window_batches=0", "sample.n_chars=0"]  # validation negligible
 FIRST = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "hawk", "mamba"]  # then the others, by name
-
-
-def child_env(env: dict | None = None) -> dict:
-    return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-
-
-def start_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path, str]:
-    tag = f"{kind}-{spec['name']}-{spec.get('mode', '')}"
-    spec_path, log = work / f"{tag}.json", work / f"{tag}.log"
-    spec_path.write_text(json.dumps(spec))
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bench_child.py")), kind,
-                                 str(spec_path)], cwd=ROOT, env=child_env(env), stdout=fh, stderr=subprocess.STDOUT)
-    return proc, spec_path, tag
-
-
-def finish_child(proc: subprocess.Popen, spec_path: Path, tag: str, others=()) -> dict:
-    rc = proc.wait()
-    if rc != 0:
-        for other in others:  # a partner waiting for its turn would wait forever
-            other.kill()
-        sys.exit(f"bench: {tag} failed ({rc}):\n" + spec_path.with_suffix(".log").read_text()[-3000:])
-    return json.loads(spec_path.with_suffix(".out").read_text())
-
-
-def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dict:
-    return finish_child(*start_child(kind, spec, work, env))
-
-
-def run_pair(charlm_spec: dict, bare_spec: dict, work: Path, charlm_first: bool) -> tuple[dict, dict]:
-    """charlm and the bare loop at once, taking turns slice by slice (bench_child.Turns) through two
-    named pipes; `charlm_first` says which side starts."""
-    pipes = [work / "to-charlm", work / "to-bare"]
-    for pipe in pipes:
-        pipe.unlink(missing_ok=True)
-        os.mkfifo(pipe)
-    turns = [{"my_pipe": str(pipes[0]), "their_pipe": str(pipes[1]), "first": charlm_first},
-             {"my_pipe": str(pipes[1]), "their_pipe": str(pipes[0]), "first": not charlm_first}]
-    c = start_child("charlm", charlm_spec | {"turns": turns[0]}, work)
-    b = start_child("bare", bare_spec | {"turns": turns[1]}, work)
-    while c[0].poll() is None and b[0].poll() is None:
-        time.sleep(0.2)
-    done, rest = (c, b) if c[0].poll() is not None else (b, c)  # the one that ended first: a failure stops the other
-    first, second = finish_child(*done, others=[rest[0]]), finish_child(*rest, others=[done[0]])
-    return (first, second) if done is c else (second, first)
-
-
-def paired_ratio(charlm: dict, bare: dict) -> float:
-    """The median over slices of charlm's rate over the bare loop's in the same turn (the slices of a
-    pair ran next to each other in time); the whole windows' ratio when there are no slices."""
-    pairs = list(zip(charlm.get("slices", []), bare.get("slices", [])))
-    if not pairs:
-        return charlm["tokens_per_s"] / bare["tokens_per_s"]
-    return statistics.median(c / b for c, b in pairs)
 
 
 # ---- sampling and scans, in this process ----------------------------------------------------

@@ -119,7 +119,7 @@ def test_largest_change_against_a_previous_run():
 
 
 def test_a_slow_spell_cancels_out_of_the_paired_ratio():
-    from bench import paired_ratio
+    from bench_runs import paired_ratio
 
     # charlm at 0.9 of the bare loop throughout; the machine halves its speed for slices 3-5 of both
     speed = [1, 1, 1, 0.5, 0.5, 0.5, 1, 1]
@@ -133,29 +133,34 @@ def test_a_slow_spell_cancels_out_of_the_paired_ratio():
     assert paired_ratio({"tokens_per_s": 450.0}, {"tokens_per_s": 500.0}) == pytest.approx(0.9)
 
 
-def test_the_two_sides_take_turns(tmp_path):
+TINY_BARE = {"name": "rnn", "mode": "random", "steps": 8, "warmup": 2, "slice": 2, "block_size": 8, "batch_size": 2,
+             "overrides": [], "compile": False, "precision": "32-true",
+             "model": {"_target_": "charlm.models.rnn.RNNLM", "cell": "rnn", "embed_dim": 8, "hidden_dim": 8,
+                       "num_layers": 1, "dropout": 0.0}}
+
+
+def bare_on_both_sides(monkeypatch) -> list[str]:
+    """Make run_pair start the bare loop as both sides (one OpenMP thread, named by the side it stands
+    for); returns the list of sides started, in order."""
+    import bench_runs
+
+    starts, real_start = [], bench_runs.start_child
+
+    def start_child(kind, spec, work, env=None):
+        starts.append(kind)
+        return real_start("bare", spec | {"name": kind}, work, {**(env or {}), "OMP_NUM_THREADS": "1"})
+
+    monkeypatch.setattr(bench_runs, "start_child", start_child)
+    return starts
+
+
+def test_the_two_sides_take_turns(tmp_path, monkeypatch):
     """Two bare-loop children in turns: each one's slices are separated in time by the other's, and
     neither's window overlaps the other's slices."""
-    from bench import run_pair
+    from bench_runs import run_pair
 
-    spec = {"name": "rnn", "mode": "random", "steps": 8, "warmup": 2, "slice": 2, "block_size": 8, "batch_size": 2,
-            "overrides": [], "compile": False, "precision": "32-true",
-            "model": {"_target_": "charlm.models.rnn.RNNLM", "cell": "rnn", "embed_dim": 8, "hidden_dim": 8,
-                      "num_layers": 1, "dropout": 0.0}}
-    import bench
-
-    starts = []
-    real_start = bench.start_child
-
-    def start_child(kind, s, work, env=None):
-        starts.append(kind)
-        return real_start("bare", s | {"name": f"{kind}"}, work, {**(env or {}), "OMP_NUM_THREADS": "1"})
-
-    bench.start_child = start_child
-    try:
-        a, b = run_pair(spec, spec, tmp_path, charlm_first=True)
-    finally:
-        bench.start_child = real_start
+    starts = bare_on_both_sides(monkeypatch)
+    a, b = run_pair(TINY_BARE, TINY_BARE, tmp_path, charlm_first=True)
     assert starts == ["charlm", "bare"]
     assert len(a["slices"]) == len(b["slices"]) == 3
     assert all(r > 0 for r in a["slices"] + b["slices"])
@@ -168,15 +173,10 @@ def test_the_two_sides_take_turns(tmp_path):
 def test_a_failing_side_stops_its_partner(tmp_path, monkeypatch):
     """One side dies before its first step: the other, waiting for its turn, is stopped, and the bench
     exits naming the failed side instead of waiting forever."""
-    import bench
+    from bench_runs import run_pair
 
-    good = {"name": "rnn", "mode": "random", "steps": 4, "warmup": 1, "slice": 1, "block_size": 8, "batch_size": 2,
-            "overrides": [], "compile": False, "precision": "32-true",
-            "model": {"_target_": "charlm.models.rnn.RNNLM", "cell": "rnn", "embed_dim": 8, "hidden_dim": 8,
-                      "num_layers": 1, "dropout": 0.0}}
+    good = TINY_BARE | {"steps": 4, "warmup": 1, "slice": 1}
     broken = good | {"model": {**good["model"], "_target_": "charlm.models.rnn.NoSuchModel"}}
-    real_start = bench.start_child
-    monkeypatch.setattr(bench, "start_child", lambda kind, s, work, env=None: real_start(
-        "bare", s | {"name": kind}, work, {**(env or {}), "OMP_NUM_THREADS": "1"}))
+    bare_on_both_sides(monkeypatch)
     with pytest.raises(SystemExit, match="bare-bare-random failed"):
-        bench.run_pair(good, broken, tmp_path, charlm_first=True)
+        run_pair(good, broken, tmp_path, charlm_first=True)

@@ -247,4 +247,3 @@ def positive_gated_scan(
     as logs as there."""
     h = gated_scan(a, b, None if log_h0 is None else log_h0.exp())                 # (B, T, ...)
     return h, h[:, -1].log()
-

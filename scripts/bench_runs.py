@@ -1,0 +1,71 @@
+"""The parent's side of scripts/bench.py's measuring children (scripts/bench_child.py): each one a fresh
+process started with its spec, a failure reported with the end of its log; charlm and the bare loop
+started as a pair that takes turns on the machine through two named pipes, and the ratio read off
+their paired slices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(env: dict | None = None) -> dict:
+    return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+
+
+def start_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path, str]:
+    tag = f"{kind}-{spec['name']}-{spec.get('mode', '')}"
+    spec_path, log = work / f"{tag}.json", work / f"{tag}.log"
+    spec_path.write_text(json.dumps(spec))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bench_child.py")), kind,
+                                 str(spec_path)], cwd=ROOT, env=child_env(env), stdout=fh, stderr=subprocess.STDOUT)
+    return proc, spec_path, tag
+
+
+def finish_child(proc: subprocess.Popen, spec_path: Path, tag: str, others=()) -> dict:
+    rc = proc.wait()
+    if rc != 0:
+        for other in others:  # a partner waiting for its turn would wait forever
+            other.kill()
+        sys.exit(f"bench: {tag} failed ({rc}):\n" + spec_path.with_suffix(".log").read_text()[-3000:])
+    return json.loads(spec_path.with_suffix(".out").read_text())
+
+
+def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dict:
+    return finish_child(*start_child(kind, spec, work, env))
+
+
+def run_pair(charlm_spec: dict, bare_spec: dict, work: Path, charlm_first: bool) -> tuple[dict, dict]:
+    """charlm and the bare loop at once, taking turns slice by slice (bench_child.Turns) through two
+    named pipes; `charlm_first` says which side starts."""
+    pipes = [work / "to-charlm", work / "to-bare"]
+    for pipe in pipes:
+        pipe.unlink(missing_ok=True)
+        os.mkfifo(pipe)
+    turns = [{"my_pipe": str(pipes[0]), "their_pipe": str(pipes[1]), "first": charlm_first},
+             {"my_pipe": str(pipes[1]), "their_pipe": str(pipes[0]), "first": not charlm_first}]
+    c = start_child("charlm", charlm_spec | {"turns": turns[0]}, work)
+    b = start_child("bare", bare_spec | {"turns": turns[1]}, work)
+    while c[0].poll() is None and b[0].poll() is None:
+        time.sleep(0.2)
+    done, rest = (c, b) if c[0].poll() is not None else (b, c)  # the one that ended first: a failure stops the other
+    first, second = finish_child(*done, others=[rest[0]]), finish_child(*rest, others=[done[0]])
+    return (first, second) if done is c else (second, first)
+
+
+def paired_ratio(charlm: dict, bare: dict) -> float:
+    """The median over slices of charlm's rate over the bare loop's in the same turn (the slices of a
+    pair ran next to each other in time); the whole windows' ratio when there are no slices."""
+    pairs = list(zip(charlm.get("slices", []), bare.get("slices", [])))
+    if not pairs:
+        return charlm["tokens_per_s"] / bare["tokens_per_s"]
+    return statistics.median(c / b for c, b in pairs)
