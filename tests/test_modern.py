@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils._pytree import tree_flatten, tree_map
 
+from charlm.models import native
 from charlm.models.contract import capabilities
 from charlm.models.hawk import HawkLM
 from charlm.models.layers import CausalConv
@@ -92,10 +93,19 @@ def test_log_scan_gradients_equal_the_loops(T, with_h0, method):
     assert torch.autograd.gradcheck(lambda *x: log_scan(*x[:2], *x[2:], method=method), leaves)
 
 
+@pytest.fixture(params=["compiled", "pytorch"])
+def kernels(request, monkeypatch):
+    """Run a test once with the compiled CPU scans (charlm.models.native) and once with the PyTorch ones."""
+    if request.param == "compiled" and not native.available():
+        pytest.skip("no C compiler here: the compiled scans are not built")
+    monkeypatch.setenv("CHARLM_NATIVE", "1" if request.param == "compiled" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("T", [1, 2, 3, 16, 17, 50, 257])
 @pytest.mark.parametrize("with_h0", [False, True])
 @pytest.mark.parametrize("rest", [(4,), (3, 2)])
-def test_linear_scan_equals_loop(T, with_h0, rest):
+def test_linear_scan_equals_loop(T, with_h0, rest, kernels):
     gen = torch.Generator().manual_seed(T)
     a = torch.rand(2, T, *rest, generator=gen, dtype=torch.float64)
     a[:, ::3] = 1.0  # a = 1 is allowed: a pure accumulator
@@ -105,7 +115,7 @@ def test_linear_scan_equals_loop(T, with_h0, rest):
 
 
 @pytest.mark.parametrize("T", [1, 7, 37])
-def test_linear_scan_gradients_equal_the_loops(T):
+def test_linear_scan_gradients_equal_the_loops(T, kernels):
     gen = torch.Generator().manual_seed(0)
     log_a = (torch.rand(2, T, 3, generator=gen, dtype=torch.float64) * 0.9 + 0.05).log()
     b = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
@@ -123,10 +133,10 @@ def test_linear_scan_gradients_equal_the_loops(T):
 
 
 @pytest.mark.parametrize("T, block, rows", [(1, 64, 8), (7, 3, 2), (37, 8, 3), (70, 64, 8)])
-def test_selective_scan_and_its_gradients_equal_the_loop(T, block, rows):
-    """Mamba's fused scan (its (B, T, E, N) tensors rebuilt tile by tile in backward) against the
-    recurrence written out: a = exp(dt A), b = dt u B, the loop, y = h . C; cut across batch rows
-    and time blocks, the last of each short."""
+def test_selective_scan_and_its_gradients_equal_the_loop(T, block, rows, kernels):
+    """Mamba's fused scan (its (B, T, E, N) tensors rebuilt tile by tile in backward, or in C) against
+    the recurrence written out: a = exp(dt A), b = dt u B, the loop, y = h . C; cut across batch rows
+    and time blocks, the last of each short (the compiled form splits the 5 rows over the threads)."""
     from charlm.models.selective import selective_scan
 
     gen = torch.Generator().manual_seed(T)

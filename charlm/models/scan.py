@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from charlm.models import native
+
 
 def g(x: torch.Tensor) -> torch.Tensor:
     """Feng et al.'s positive activation: x + 1/2 for x >= 0, sigmoid(x) below (continuous at 0)."""
@@ -186,11 +188,12 @@ def reverse_gradient(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 class _LinearScan(torch.autograd.Function):
     """The chunked scan with its own backward: the gradient of a linear scan is a linear scan run
     backwards, g_t = dL/dh_t + a_{t+1} g_{t+1}; then dL/db_t = g_t, dL/da_t = g_t h_{t-1}. Only a,
-    h_0 and h are kept for it, not one tensor per step as autograd through a loop would."""
+    h_0 and h are kept for it, not one tensor per step as autograd through a loop would. On a CPU with
+    the compiled kernels (charlm.models.native), both directions are one C loop over time instead."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        h = chunked_scan(a, b, h0)
+        h = native.linear_forward(a, b, h0) if native.supports(b) else chunked_scan(a, b, h0)
         ctx.save_for_backward(a, h0, h)
         return h
 
@@ -198,6 +201,8 @@ class _LinearScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
         a, h0, h = ctx.saved_tensors
+        if native.supports(h):
+            return native.linear_backward(a, h0, h, grad_h.contiguous())
         g_ = reverse_gradient(a, grad_h)                                                 # (B, T, ...)
         grad_a = torch.empty_like(g_)                                                    # (B, T, ...)
         torch.mul(g_[:, 1:], h[:, :-1], out=grad_a[:, 1:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from charlm.models import native
 from charlm.models.scan import chunked_scan
 
 
@@ -24,13 +25,19 @@ def selective_scan(
     state, and backward builds them again (`_SelectiveScan`), so no (B, T, E, N) tensor outlives a tile.
     Inside, the state index comes before the channel, (B, S, N, E), so that every elementwise step and
     sum runs along the long E axis (256 contiguous numbers at mamba.yaml's size) rather than N (8).
-    One step from a carried state (sampling) runs the recurrence directly.
+    One step from a carried state (sampling) runs the recurrence directly. On a CPU with the compiled
+    kernels (charlm.models.native), the whole scan runs in C instead: the same sums, one pass forward,
+    the state in cache (`_NativeSelectiveScan`).
     """
     dtype = torch.promote_types(dt.dtype, A.dtype)  # float32 also under autocast: products of many gates
     dt, A, Bt, Ct, u = (x.to(dtype) for x in (dt, A, Bt, Ct, u))
     B, T, E = u.shape
     At = A.t()                                                                      # (N, E)
     h0 = u.new_zeros(B, At.shape[0], E) if h0 is None else h0.to(dtype).transpose(1, 2)  # (B, N, E)
+    if T > 1 and native.supports(u):
+        y, h = _NativeSelectiveScan.apply(dt.contiguous(), At.contiguous(), Bt.contiguous(), Ct.contiguous(),
+                                          u.contiguous(), h0.contiguous())
+        return y, h.transpose(1, 2).contiguous()                                    # (B, T, E), (B, E, N)
     if T == 1:
         a, b = _gate_and_input(dt, At, Bt, u)                                       # (B, 1, N, E) each
         h = torch.addcmul(b[:, 0], a[:, 0], h0)                                     # (B, N, E)
@@ -106,3 +113,20 @@ class _SelectiveScan(torch.autograd.Function):
             d_At += torch.mul(Ga, dt_s.unsqueeze(2), out=h).sum((0, 1))             # (N, E); h's memory reused
             d_u[:, sl] = d_xu * dt_s
         return d_dt, d_At, d_B, d_C, d_u, carry, None
+
+
+class _NativeSelectiveScan(torch.autograd.Function):
+    """`selective_scan` by the compiled kernels: forward keeps only its inputs; backward rebuilds each
+    batch row's gates and states in C (see charlm/models/kernels.c). h0 and h_T (B, N, E)."""
+
+    @staticmethod
+    def forward(ctx, dt, At, Bt, Ct, u, h0):
+        ctx.save_for_backward(dt, At, Bt, Ct, u, h0)
+        return native.selective_forward(dt, At, Bt, Ct, u, h0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gh_last):
+        gy = gy.contiguous()
+        gh_last = None if gh_last is None else gh_last.contiguous()
+        return native.selective_backward(*ctx.saved_tensors, gy, gh_last)
