@@ -33,7 +33,8 @@ from bench_runs import paired_ratio, run_child, run_pair  # noqa: E402  (the chi
 
 PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     # conf/model/*.yaml as they are: what `make train` / `make compare` run on a CPU
-    "cpu": {"data": {"block_size": 64, "batch_size": 32}, "steps": 200, "recipes": None, "sizes": {}},
+    # 150 steps (135 timed, 24 slices of 5 a side): 22 cases x 2 runs in about 20 minutes on 2 cores
+    "cpu": {"data": {"block_size": 64, "batch_size": 32}, "steps": 150, "recipes": None, "sizes": {}},
     # the model sizes (and compile) of conf/compare/gpu.yaml: 3x512 RNNs with emb 128 and dropout 0.2,
     # transformer 6L/6H/384 compiled, modern models 6x384
     "gpu": {"data": {"block_size": 256, "batch_size": 64}, "steps": 200, "recipes": "gpu", "sizes": {}},
@@ -173,6 +174,8 @@ def main() -> None:
                    "slice by slice) N times, who starts alternating; report the median ratio and its spread")
     p.add_argument("--budget-s", type=float, help="start no new training run after this many seconds (the rest "
                    "are listed as not run); sampling, scans and encoding still run")
+    p.add_argument("--slices", type=int, default=24, help="turns each side takes in a run (its timed steps "
+                   "cut into this many slices)")
     p.add_argument("--sample-chars", type=int, default=1000)
     p.add_argument("--recompute-chars", type=int, help="chars per no-cache sample (default: min(sample, 4 blocks))")
     p.add_argument("--scan-shape", help="BxT for the scan timings (default: the preset's batch x block)")
@@ -199,7 +202,7 @@ def main() -> None:
     res = {"machine": machine_name(), "date": date.today().isoformat(), "torch": torch.__version__,
            "device": torch.cuda.get_device_name(0) if CUDA else f"CPU ({os.cpu_count()} cores)",
            "threads": torch.get_num_threads(), "preset": a.preset, "steps": steps, "warmup": warmup,
-           "repeats": a.repeats, "sample_chars": a.sample_chars, "recompute_chars": recompute_chars,
+           "repeats": a.repeats, "slices": a.slices, "sample_chars": a.sample_chars, "recompute_chars": recompute_chars,
            "settings": {**preset["data"], "optim": SHARED, "quiet": QUIET}, "models": {}, "skipped": []}
     out = Path(a.out)
     previous = out / f"results-{res['machine']}.json"
@@ -217,6 +220,7 @@ def main() -> None:
                     continue
                 print(f"bench: {name} {mode} ...", flush=True)
                 spec = {"name": name, "mode": mode, "steps": steps, "warmup": warmup, "block_size": block,
+                        "slice": max(1, (steps - warmup) // a.slices),
                         "batch_size": batch, "overrides": overrides, **bare}
                 runs = []
                 for i in range(a.repeats):  # who starts alternates

@@ -89,7 +89,7 @@ class Window:
     def __init__(self, spec: dict):
         self.warmup, self.steps, self.done, self.result, self.rss0 = spec["warmup"], spec["steps"], 0, {}, rss_mb()
         self.step_tokens = spec["batch_size"] * spec["block_size"]
-        self.slice = spec.get("slice") or max(1, (self.steps - self.warmup) // 12)
+        self.slice = spec.get("slice") or max(1, (self.steps - self.warmup) // 24)
         self.rates: list[float] = []
         self.spans: list[tuple[float, float]] = []  # each slice's (start, end) clock
         self.seconds = 0.0

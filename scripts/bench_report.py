@@ -53,7 +53,8 @@ def table(res: dict) -> str:
     lines = [f"## charlm bench: {res['machine']}, {res['date']}", "",
              f"{res['device']}, torch {res['torch']}, {res['threads']} threads, preset {res['preset']}: "
              f"{res['steps']} training steps per side, the last {res['steps'] - res['warmup']} timed; the two sides "
-             f"run at once taking turns slice by slice, the ratio of each run the median over its paired slices, "
+             f"run at once taking turns slice by slice ({res.get('slices', 12)} slices each), the ratio of each run "
+             f"the trimmed mean over its slices of each one against its neighbours in time, "
              f"{res['repeats']} runs, their median; batch {res['settings']['batch_size']} x "
              f"{res['settings']['block_size']} chars; "
              f"AdamW lr {LR:g}, betas {BETAS}, no weight decay, clip norm {CLIP:g}, no schedule, on both sides.", "",

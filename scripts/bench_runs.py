@@ -7,8 +7,8 @@ their paired slices.
 from __future__ import annotations
 
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -63,9 +63,35 @@ def run_pair(charlm_spec: dict, bare_spec: dict, work: Path, charlm_first: bool)
 
 
 def paired_ratio(charlm: dict, bare: dict) -> float:
-    """The median over slices of charlm's rate over the bare loop's in the same turn (the slices of a
-    pair ran next to each other in time); the whole windows' ratio when there are no slices."""
-    pairs = list(zip(charlm.get("slices", []), bare.get("slices", [])))
-    if not pairs:
+    """charlm's rate over the bare loop's, read off the slices of a pair that took turns.
+
+    The slices of both sides are put on one time line (their `spans`); each slice between two of the
+    other side's is compared with the geometric mean of those two, which cancels a machine that speeds
+    up or slows down steadily (a slice compared with only its successor or predecessor would carry
+    the drift between them). Of these log ratios, the middle 60% are averaged (`trimmed_mean`): a slice
+    that met a burst on one side alone is dropped as the median would, and the rest count fully.
+    Without spans (older results), the slices are paired in order; without slices, the whole windows.
+    """
+    c_rates, b_rates = charlm.get("slices", []), bare.get("slices", [])
+    if not c_rates or not b_rates:
         return charlm["tokens_per_s"] / bare["tokens_per_s"]
-    return statistics.median(c / b for c, b in pairs)
+    if "spans" not in charlm or "spans" not in bare:
+        return math.exp(trimmed_mean([math.log(c / b) for c, b in zip(c_rates, b_rates)]))
+    line = sorted([(s[0], 1, r) for s, r in zip(charlm["spans"], c_rates)]
+                  + [(s[0], -1, r) for s, r in zip(bare["spans"], b_rates)])          # (start, side, rate)
+    logs = [side * (math.log(rate) - (math.log(before[2]) + math.log(after[2])) / 2)
+            for before, (_, side, rate), after in zip(line, line[1:], line[2:])
+            if before[1] == after[1] == -side]                                         # log(charlm / bare)
+    if not logs:  # fewer than three slices in turns
+        return math.exp(trimmed_mean([math.log(c / b) for c, b in zip(c_rates, b_rates)]))
+    return math.exp(trimmed_mean(logs))
+
+
+def trimmed_mean(values: list[float], cut: float = 0.2) -> float:
+    """The mean of `values` without the lowest and highest `cut` of them (at least one each side once
+    there are five or more); the median's robustness to a few wild values, with less of its noise."""
+    values = sorted(values)
+    k = int(len(values) * cut) if len(values) >= 5 else 0
+    k = max(k, 1) if len(values) >= 5 else k
+    kept = values[k : len(values) - k]
+    return sum(kept) / len(kept)
