@@ -99,7 +99,7 @@ def bench_scans(B: int, T: int, repeats: int) -> list[dict]:
     for name, shape, parallel, loop, inputs in scans(B, T, dev) + blocks(B, T, dev):
         p, q = timed(parallel, inputs, repeats), timed(loop, inputs, repeats)
         rows.append({"what": name, "shape": shape, "parallel_ms": p, "loop_ms": q, "speedup": q / p})
-        print(f"bench: {name} {shape}: parallel {p:.1f} ms, loop {q:.1f} ms ({q / p:.1f}x)", flush=True)
+        print(f"bench: {name} {shape}: charlm {p:.1f} ms, loop {q:.1f} ms ({q / p:.1f}x)", flush=True)
     return rows
 
 

@@ -101,8 +101,9 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | {fmt(s['single_chars_per_s'])} | {fmt(s['batch64_chars_per_s'])} "
                      f"| {nocache(s, 'single')} | {nocache(s, 'batch64')} |")
     if res.get("scans"):
-        lines += ["", f"Parallel scan vs a Python loop over time (forward + backward, median of {res['scan_repeats']};"
-                  " blocks at conf/model sizes):", "", "| what | shape | parallel ms | loop ms | speed-up |",
+        lines += ["", f"charlm's scans (compiled C loops on a CPU, `charlm/models/kernels.c`) vs a Python loop "
+                  f"over time (forward + backward, median of {res['scan_repeats']};"
+                  " blocks at conf/model sizes):", "", "| what | shape | charlm ms | loop ms | speed-up |",
                   "|---" * 5 + "|"]
         lines += [f"| {s['what']} | {s['shape']} | {s['parallel_ms']:.2f} | {s['loop_ms']:.2f} | {s['speedup']:.1f}x |"
                   for s in res["scans"]]

@@ -1,6 +1,7 @@
 """`python scripts/bench_scan.py [--batch 32] [--seq 256] [--repeats 5]`
 
-The parallel scans of charlm/models/scan.py, and one block of each modern recurrent model at its
+The scans charlm runs (on a CPU the compiled loops of charlm/models/kernels.c, elsewhere the parallel
+forms of charlm/models/scan.py), and one block of each modern recurrent model at its
 conf/model YAML size, timed on the CPU against a Python loop over time: forward + backward per call
 (median of --repeats). "loop" is the plain recurrence for a scan, and for a block the block fed one
 character at a time with its state carried (the sampling path), autograd through all the steps.
@@ -115,7 +116,7 @@ def main() -> None:
     threads = args.threads or cores
     torch.set_num_threads(threads)
     print(f"CPU, {threads} threads, torch {torch.__version__}; forward+backward, median of {args.repeats} (ms)")
-    print(f"{'what':28} {'shape':>14} {'parallel':>10} {'loop':>10} {'speed-up':>9}")
+    print(f"{'what':28} {'shape':>14} {'charlm':>10} {'loop':>10} {'speed-up':>9}")
     for name, shape, parallel, loop, inputs in scans(args.batch, args.seq) + blocks(args.batch, args.seq):
         p, q = timed(parallel, inputs, args.repeats), timed(loop, inputs, args.repeats)
         print(f"{name:28} {shape:>14} {p:10.1f} {q:10.1f} {q / p:8.1f}x", flush=True)
