@@ -54,6 +54,14 @@ class BestCheckpoint(ModelCheckpoint):
     checkpoint is copied along, so a worse first validation after the resume never becomes best.ckpt
     (Lightning's own forgets the score when the folder changes)."""
 
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key (its class and settings, fixed once built), built once: Lightning reads
+        it for every hook it calls, several times a training step."""
+        if "_state_key" not in self.__dict__:
+            self.__dict__["_state_key"] = super().state_key
+        return self.__dict__["_state_key"]
+
     def load_state_dict(self, state_dict: dict) -> None:
         old_dir, best = state_dict.get("dirpath"), state_dict.get("best_model_path")
         if self.dirpath and old_dir and Path(old_dir).resolve() != Path(self.dirpath).resolve() and best \

@@ -136,6 +136,11 @@ class CharLM(L.LightningModule):
         if self._bad_step is None:
             return
         v = value.detach()
+        if v.device.type == "cpu":  # no device to wait for: test the number in Python (five tensor ops less)
+            x = float(v)
+            if not (math.isfinite(x) and x <= limit) and int(self._bad_step) < 0:
+                self._bad_step.fill_(self.trainer.global_step)
+            return
         bad = ~(torch.isfinite(v) & (v <= limit)) & (self._bad_step < 0)
         self._bad_step = torch.where(bad, torch.full_like(self._bad_step, self.trainer.global_step), self._bad_step)
 

@@ -70,3 +70,18 @@ def test_resume_into_another_folder_keeps_the_best_score(tmp_path):
     assert abs(float(ours.best_model_score) - 1.23) < 1e-6
     assert Path(ours.best_model_path) == tmp_path / "B" / "checkpoints" / "best.ckpt"
     assert Path(ours.best_model_path).read_bytes() == b"the best weights"
+
+
+def test_best_checkpoints_key_is_lightnings_and_is_built_once():
+    """The callback-state key in a checkpoint stays Lightning's (older checkpoints resume), built once
+    rather than at every hook call."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from charlm.callbacks import BestCheckpoint
+
+    kw = {"monitor": "val/loss", "mode": "min", "save_top_k": 1, "save_last": True}
+    ours = BestCheckpoint(**kw)
+    assert ours.state_key == ModelCheckpoint(**kw).state_key.replace("ModelCheckpoint", "BestCheckpoint")
+    assert "'monitor': 'val/loss'" in ours.state_key
+    ours.monitor = "changed"  # a key built at the first read: later reads do not rebuild it
+    assert "'monitor': 'val/loss'" in ours.state_key
