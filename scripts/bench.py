@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_child import BETAS, CLIP, CORPUS, CUDA, LR, SYNC_PROBE, sync  # noqa: E402  (the children's settings)
+from bench_child import BETAS, CLIP, CORPUS, CUDA, LR, SLICES, SYNC_PROBE, sync  # noqa: E402  (the children's settings)
 from bench_report import MODES, largest_change, lowest_ratio, table, write  # noqa: E402,F401  (the tables)
 from bench_runs import paired_ratio, run_child, run_pair  # noqa: E402  (the children's processes)
 
@@ -174,7 +174,7 @@ def main() -> None:
                    "slice by slice) N times, who starts alternating; report the median ratio and its spread")
     p.add_argument("--budget-s", type=float, help="start no new training run after this many seconds (the rest "
                    "are listed as not run); sampling, scans and encoding still run")
-    p.add_argument("--slices", type=int, default=24, help="turns each side takes in a run (its timed steps "
+    p.add_argument("--slices", type=int, default=SLICES, help="turns each side takes in a run (its timed steps "
                    "cut into this many slices)")
     p.add_argument("--sample-chars", type=int, default=1000)
     p.add_argument("--recompute-chars", type=int, help="chars per no-cache sample (default: min(sample, 4 blocks))")

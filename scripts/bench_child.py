@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 CORPUS = ROOT / "charlm" / "corpora" / "tinyshakespeare.txt"
 CUDA = torch.cuda.is_available()
 LR, BETAS, CLIP = 2e-3, (0.9, 0.999), 1.0  # both sides: AdamW(lr, betas, weight_decay=0), clip norm 1.0, no schedule
+SLICES = 24  # turns each side takes in a run: its timed steps cut into this many slices
 SYNC_PROBE = 10  # CUDA only: steps after the timed window run under torch's sync debug mode, counting host syncs
 
 
@@ -89,7 +90,7 @@ class Window:
     def __init__(self, spec: dict):
         self.warmup, self.steps, self.done, self.result, self.rss0 = spec["warmup"], spec["steps"], 0, {}, rss_mb()
         self.step_tokens = spec["batch_size"] * spec["block_size"]
-        self.slice = spec.get("slice") or max(1, (self.steps - self.warmup) // 24)
+        self.slice = spec.get("slice") or max(1, (self.steps - self.warmup) // SLICES)
         self.rates: list[float] = []
         self.spans: list[tuple[float, float]] = []  # each slice's (start, end) clock
         self.seconds = 0.0

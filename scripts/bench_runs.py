@@ -75,15 +75,15 @@ def paired_ratio(charlm: dict, bare: dict) -> float:
     c_rates, b_rates = charlm.get("slices", []), bare.get("slices", [])
     if not c_rates or not b_rates:
         return charlm["tokens_per_s"] / bare["tokens_per_s"]
-    if "spans" not in charlm or "spans" not in bare:
-        return math.exp(trimmed_mean([math.log(c / b) for c, b in zip(c_rates, b_rates)]))
-    line = sorted([(s[0], 1, r) for s, r in zip(charlm["spans"], c_rates)]
-                  + [(s[0], -1, r) for s, r in zip(bare["spans"], b_rates)])          # (start, side, rate)
-    logs = [side * (math.log(rate) - (math.log(before[2]) + math.log(after[2])) / 2)
-            for before, (_, side, rate), after in zip(line, line[1:], line[2:])
-            if before[1] == after[1] == -side]                                         # log(charlm / bare)
-    if not logs:  # fewer than three slices in turns
-        return math.exp(trimmed_mean([math.log(c / b) for c, b in zip(c_rates, b_rates)]))
+    logs = []
+    if "spans" in charlm and "spans" in bare:
+        line = sorted([(s[0], 1, r) for s, r in zip(charlm["spans"], c_rates)]
+                      + [(s[0], -1, r) for s, r in zip(bare["spans"], b_rates)])      # (start, side, rate)
+        logs = [side * (math.log(rate) - (math.log(before[2]) + math.log(after[2])) / 2)
+                for before, (_, side, rate), after in zip(line, line[1:], line[2:])
+                if before[1] == after[1] == -side]                                     # log(charlm / bare)
+    if not logs:  # no spans, or fewer than three slices in turns: the slices in order
+        logs = [math.log(c / b) for c, b in zip(c_rates, b_rates)]
     return math.exp(trimmed_mean(logs))
 
 
@@ -91,7 +91,6 @@ def trimmed_mean(values: list[float], cut: float = 0.2) -> float:
     """The mean of `values` without the lowest and highest `cut` of them (at least one each side once
     there are five or more); the median's robustness to a few wild values, with less of its noise."""
     values = sorted(values)
-    k = int(len(values) * cut) if len(values) >= 5 else 0
-    k = max(k, 1) if len(values) >= 5 else k
+    k = max(1, int(len(values) * cut)) if len(values) >= 5 else 0
     kept = values[k : len(values) - k]
     return sum(kept) / len(kept)

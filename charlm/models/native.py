@@ -29,15 +29,14 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 TYPES = {torch.float32: ["-DREAL=float", "-DEXP=expf"], torch.float64: ["-DREAL=double", "-DEXP=exp"]}
 
 
-def available() -> bool:
-    """True when the kernels are built (or build now) and CHARLM_NATIVE is not 0."""
-    return os.environ.get("CHARLM_NATIVE", "1") != "0" and all(_library(t) is not None for t in TYPES)
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when the kernels for dtype are built (or build now) and CHARLM_NATIVE is not 0."""
+    return os.environ.get("CHARLM_NATIVE", "1") != "0" and _library(dtype) is not None
 
 
-def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can run on these tensors: on the CPU, float32 or float64, kernels built."""
-    t = tensors[0]
-    return t.device.type == "cpu" and t.dtype in TYPES and available()
+def supports(t: torch.Tensor) -> bool:
+    """Whether the kernels can run on this tensor: on the CPU, float32 or float64, their build there."""
+    return t.device.type == "cpu" and t.dtype in TYPES and available(t.dtype)
 
 
 @lru_cache(maxsize=None)
