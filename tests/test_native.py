@@ -53,11 +53,14 @@ def test_models_train_to_the_same_numbers_with_and_without_the_kernels(name, mon
     model = MODELS[name]().double()
     x, y = torch.randint(11, (5, 70)), torch.randint(11, (5, 70))          # 70: past Mamba's 64-step blocks
     calls = []
-    for fn in ("selective_forward", "selective_backward", "linear_forward", "linear_backward"):
+    for fn in ("selective_forward", "selective_backward", "linear_forward", "linear_backward", "conv_forward",
+               "conv_backward"):
         real = getattr(native, fn)
         monkeypatch.setattr(native, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
     compiled = loss_and_grads(model, x, y)
     assert {c.split("_")[1] for c in calls} == {"forward", "backward"}
+    if name in ("mamba", "hawk"):  # their causal convolution too
+        assert {"conv_forward", "conv_backward"} <= set(calls)
     monkeypatch.setenv("CHARLM_NATIVE", "0")
     calls.clear()
     pytorch = loss_and_grads(model, x, y)
@@ -88,6 +91,33 @@ def test_float32_selective_scan_matches_the_pytorch_form_at_mambas_size(monkeypa
         results.append([y, h, *(t.grad for t in inputs)])
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("T", "width"), [(9, 4), (2, 4), (1, 4), (7, 1), (5, 2)])
+def test_causal_conv_and_its_gradients_match_the_pytorch_form(T, width, monkeypatch, threads):
+    """float64, a carried window, T shorter and longer than the window, width 1: the output, the next
+    window and the gradients of the input, the window, the weight and the bias agree."""
+    from charlm.models.layers import CausalConv
+
+    torch.manual_seed(T)
+    conv = CausalConv(6, width).double()
+    x, window = torch.randn(5, T, 6, dtype=torch.float64), torch.randn(5, width - 1, 6, dtype=torch.float64)
+    w, w_next = torch.randn(5, T, 6, dtype=torch.float64), torch.randn(5, width - 1, 6, dtype=torch.float64)
+    results, calls = [], []
+    real = native.conv_backward
+    monkeypatch.setattr(native, "conv_backward", lambda *a: calls.append(1) or real(*a))
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CHARLM_NATIVE", flag)
+        conv.zero_grad()
+        inputs = [t.clone().requires_grad_(True) for t in (x, window)]
+        y, nxt = conv(*inputs)
+        ((y * w).sum() + (nxt * w_next).sum()).backward()
+        results.append([y, nxt, *(t.grad for t in inputs), conv.weight.grad.clone(), conv.bias.grad.clone()])
+    assert calls == [1]
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    # the window's own definition: the last width-1 inputs of (window, x)
+    torch.testing.assert_close(results[0][1], torch.cat([window, x], 1)[:, T:].detach(), atol=0, rtol=0)
 
 
 def test_a_failed_build_falls_back_to_the_pytorch_scans_with_one_line(tmp_path):

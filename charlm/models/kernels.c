@@ -18,6 +18,12 @@
    The linear scan, per row b and element k of a step's K elements:
        h_t[k] = a_t[k] h_{t-1}[k] + x_t[k],     a, x, h (B, T, K), h0 (B, K)
    backward:  G_t = g_t + a_{t+1} G_{t+1};  dL/dx_t = G_t;  dL/da_t = G_t h_{t-1};  dL/dh0 = a_1 G_1.
+
+   The causal depthwise convolution (Mamba's and Hawk's CausalConv), per row b, step t, channel e:
+       y_t[e] = bias[e] + sum_k wT[k, e] xs_{t+k}[e],     k = 0 .. K-1 in this order,
+   where xs = (the K-1 inputs before this call, from `win` (B, K-1, E); then x (B, T, E)). backward:
+   d_xs (B, K-1+T, E), zeroed by the caller, gets sum_k wT[k, e] gy_{s-k}[e]; d_wT (K, E) and d_bias (E)
+   accumulate one block per thread, summed by the caller.
 */
 #include <math.h>
 #include <omp.h>
@@ -134,6 +140,49 @@ void linear_backward(long B, long T, long K, const REAL *a, const REAL *h0, cons
                 d_x[o + k] = g;
                 d_a[o + k] = g * prev[k];
                 G[k] = g * a[o + k];
+            }
+        }
+    }
+}
+
+static inline const REAL *conv_input(const REAL *x, const REAL *win, long b, long T, long E, long K, long s) {
+    /* xs_s of row b: the window for s < K-1, else x_{s-(K-1)} */
+    return s < K - 1 ? win + (b * (K - 1) + s) * E : x + (b * T + s - (K - 1)) * E;
+}
+
+void conv_forward(long B, long T, long E, long K, const REAL *x, const REAL *win, const REAL *wT, const REAL *bias,
+                  REAL *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long b = 0; b < B; b++) {
+        for (long t = 0; t < T; t++) {
+            REAL *y_t = y + (b * T + t) * E;
+            for (long e = 0; e < E; e++) y_t[e] = bias[e];
+            for (long k = 0; k < K; k++) {
+                const REAL *xs = conv_input(x, win, b, T, E, K, t + k), *w = wT + k * E;
+#pragma omp simd
+                for (long e = 0; e < E; e++) y_t[e] += w[e] * xs[e];
+            }
+        }
+    }
+}
+
+void conv_backward(long B, long T, long E, long K, const REAL *x, const REAL *win, const REAL *wT, const REAL *gy,
+                   REAL *d_xs, REAL *d_wT, REAL *d_bias, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long b = 0; b < B; b++) {
+        int me = omp_get_thread_num();
+        REAL *dw = d_wT + me * K * E, *db = d_bias + me * E;
+        for (long t = 0; t < T; t++) {
+            const REAL *g = gy + (b * T + t) * E;
+            for (long e = 0; e < E; e++) db[e] += g[e];
+            for (long k = 0; k < K; k++) {
+                const REAL *xs = conv_input(x, win, b, T, E, K, t + k), *w = wT + k * E;
+                REAL *dxs = d_xs + (b * (T + K - 1) + t + k) * E, *dw_k = dw + k * E;
+#pragma omp simd
+                for (long e = 0; e < E; e++) {
+                    dxs[e] += w[e] * g[e];
+                    dw_k[e] += g[e] * xs[e];
+                }
             }
         }
     }

@@ -11,6 +11,9 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from charlm.models import native
 
 
 class CausalConv(nn.Module):
@@ -19,6 +22,7 @@ class CausalConv(nn.Module):
     Its state is the window of the width-1 inputs before this call (zeros at the start), so a sequence
     fed in chunks, even of one character, meets the same inputs as whole. Written as a sum of shifted
     products rather than F.conv1d so that every output is the same arithmetic however the input is cut.
+    On a CPU with the compiled kernels (charlm.models.native) the same sums run in C, in the same order.
     """
 
     def __init__(self, channels: int, width: int):
@@ -32,11 +36,32 @@ class CausalConv(nn.Module):
         B, T, E = x.shape
         if window is None:
             window = x.new_zeros(B, self.width - 1, E)
+        if native.supports(x) and window.dtype == self.weight.dtype == x.dtype:  # the same sums, in C
+            y = _NativeCausalConv.apply(x.contiguous(), window.contiguous(), self.weight, self.bias)
+            keep = self.width - 1
+            return y, (x[:, T - keep :] if T >= keep else torch.cat([window[:, T:], x], 1)).clone()
         xs = torch.cat([window, x], 1)                                # (B, width-1+T, E)
         y = self.bias.expand(B, T, E)
         for k in range(self.width):
             y = y + xs[:, k : k + T] * self.weight[:, k]              # (B, T, E)
         return y, xs[:, xs.shape[1] - (self.width - 1) :].clone()     # (B, width-1, E)
+
+
+class _NativeCausalConv(torch.autograd.Function):
+    """CausalConv by the compiled kernels (charlm/models/kernels.c): one pass over the input forward and
+    one back, instead of 2 x width whole-tensor products and sums. x (B, T, E), window (B, width-1, E)."""
+
+    @staticmethod
+    def forward(ctx, x, window, weight, bias):
+        wT = weight.t().contiguous()                                  # (width, E)
+        ctx.save_for_backward(x, window, wT)
+        return native.conv_forward(x, window, wT, bias.contiguous())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        d_x, d_window, d_wT, d_bias = native.conv_backward(*ctx.saved_tensors, gy.contiguous())
+        return d_x, d_window, d_wT.t(), d_bias
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (kernels.c) for the scans, built on first use with the system's C compiler.
+"""Compiled CPU kernels (kernels.c) for the scans and the causal convolution, built on first use with the system's C compiler.
 
 On a CPU, PyTorch can only run a scan as whole-tensor passes: Mamba's selective scan then writes and
 reads (B, T, N, E) gates and states some 25 times a layer, and the time goes in memory traffic, not
@@ -118,3 +118,21 @@ def linear_backward(a, h0, h, gh, ghT=None):
     d_a, d_x, d_h0 = torch.empty_like(a), torch.empty_like(h), torch.empty_like(h0)
     _call("linear_backward", h.dtype, (B, T, h[0, 0].numel()), (a, h0, h, gh, ghT, d_a, d_x, d_h0))
     return d_a, d_x, d_h0
+
+
+def conv_forward(x, window, wT, bias):
+    """y (B, T, E) of the causal depthwise convolution; x (B, T, E), window (B, K-1, E), wT (K, E), contiguous."""
+    B, T, E = x.shape
+    y = torch.empty_like(x)
+    _call("conv_forward", x.dtype, (B, T, E, wT.shape[0]), (x, window, wT, bias, y))
+    return y
+
+
+def conv_backward(x, window, wT, gy):
+    """Gradients (x, window, wT, bias) of the causal convolution for dL/dy = gy (B, T, E)."""
+    B, T, E = x.shape
+    K, threads = wT.shape[0], _threads(B)
+    d_xs = torch.zeros(B, K - 1 + T, E, dtype=x.dtype)                  # (window, x) of each row
+    d_wT, d_bias = torch.zeros(threads, K, E, dtype=x.dtype), torch.zeros(threads, E, dtype=x.dtype)  # per thread
+    _call("conv_backward", x.dtype, (B, T, E, K), (x, window, wT, gy, d_xs, d_wT, d_bias))
+    return d_xs[:, K - 1 :], d_xs[:, : K - 1], d_wT.sum(0), d_bias.sum(0)
