@@ -1,12 +1,14 @@
-"""Compiled CPU kernels (kernels.c) for the scans and the causal convolution, built on first use with the system's C compiler.
+"""Compiled CPU kernels (kernels.c) for the scans and the causal convolution, built on first use.
 
 On a CPU, PyTorch can only run a scan as whole-tensor passes: Mamba's selective scan then writes and
 reads (B, T, N, E) gates and states some 25 times a layer, and the time goes in memory traffic, not
 arithmetic. The C loops keep a row's state in cache and do the same sums in one pass forward and two
 back. They are built once per source and machine into a cache folder (`CHARLM_KERNELS_DIR`, default
 ~/.cache/charlm/kernels) and called through ctypes; they split a batch over torch's intra-op threads
-with the OpenMP runtime torch has loaded. No compiler, a failed build, or CHARLM_NATIVE=0: `available()` is False
-and the scans run their PyTorch forms, which compute the same numbers (tests/test_native.py).
+with the OpenMP runtime torch has loaded. The causal convolution of Mamba and Hawk (models.layers.CausalConv)
+runs the same way: one pass over its input forward and one back. No compiler, a failed build, or
+CHARLM_NATIVE=0: `available()` is False and the scans and the convolution run their PyTorch forms, which
+compute the same numbers (tests/test_native.py).
 """
 
 from __future__ import annotations
