@@ -50,6 +50,45 @@ def run_cli(module: str, *args: str, check: bool = True, timeout: float = 300, e
     return proc
 
 
+class Ran:
+    """What `run_main` saw: the exit status and what was printed (CompletedProcess's fields)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(module: str, *args: str, check: bool = True) -> Ran:
+    """`python -m module args...` in this process: the module's own `main()` with these arguments, its exit
+    status (SystemExit) and its stdout/stderr. It spares the ~5 s of a fresh interpreter importing torch; each
+    CLI keeps at least one `run_cli` test that proves the one-line/no-traceback behaviour end to end."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, code = sys.argv, 0
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # Hydra's job logging configures the root logger
+    sys.argv = [module, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            importlib.import_module(module).main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+    ran = Ran(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({code}):\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}")
+    return ran
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A tiny LSTM trained through the real CLI; tests read what it wrote."""

@@ -1,5 +1,9 @@
 """Every user mistake ends in one `error:` line naming the problem, a non-zero exit, no traceback,
-and nothing already on disk overwritten."""
+and nothing already on disk overwritten.
+
+Most cases call the CLI's own `main()` in this process (`run_main`: same argv, exit status and stderr, without
+a fresh interpreter's import of torch); test_missing_corpus, test_pickle_with_code_is_refused_not_run and the
+divergence test run the real `python -m` commands end to end."""
 
 import hashlib
 import json
@@ -8,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, run_main
 
 
 def assert_user_error(proc, *fragments):
@@ -21,11 +25,18 @@ def assert_user_error(proc, *fragments):
 
 
 def train(tmp_path, *args):
+    """`python -m charlm.train` in a fresh interpreter."""
     return run_cli("charlm.train", *TINY, f"hydra.run.dir={tmp_path / 'run'}", *args, check=False)
 
 
+def train_here(tmp_path, *args):
+    """The same command through charlm.train.main() in this process."""
+    return run_main("charlm.train", *TINY, f"hydra.run.dir={tmp_path / 'run'}", *args, check=False)
+
+
 def sample(*args):
-    return run_cli("charlm.sample", *args, check=False)
+    """`charlm.sample` through its main() in this process (test_pickle_with_code... runs the real command)."""
+    return run_main("charlm.sample", *args, check=False)
 
 
 # ---- corpus ------------------------------------------------------------------------------
@@ -36,29 +47,29 @@ def test_missing_corpus(tmp_path):
 
 def test_empty_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    assert_user_error(train(tmp_path, "data=text", f"data.path={tmp_path}/empty.txt"), "empty.txt", "empty")
+    assert_user_error(train_here(tmp_path, "data=text", f"data.path={tmp_path}/empty.txt"), "empty.txt", "empty")
 
 
 def test_corpus_shorter_than_a_window(tmp_path):
     (tmp_path / "short.txt").write_text("To be, or not to be")
-    assert_user_error(train(tmp_path, "data=text", f"data.path={tmp_path}/short.txt"), "short.txt", "block_size")
+    assert_user_error(train_here(tmp_path, "data=text", f"data.path={tmp_path}/short.txt"), "short.txt", "block_size")
 
 
 def test_folder_without_text_files(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "image.png").write_bytes(b"\x89PNG")
-    assert_user_error(train(tmp_path, "data=text", f"data.path={tmp_path}/corpus"), "corpus", "no text files")
+    assert_user_error(train_here(tmp_path, "data=text", f"data.path={tmp_path}/corpus"), "corpus", "no text files")
 
 
 def test_binary_file(tmp_path):
     (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 100)
-    assert_user_error(train(tmp_path, "data=text", f"data.path={tmp_path}/blob.txt"), "blob.txt", "binary")
+    assert_user_error(train_here(tmp_path, "data=text", f"data.path={tmp_path}/blob.txt"), "blob.txt", "binary")
 
 
 def test_non_utf8_is_an_error_or_replaced(tmp_path):
     (tmp_path / "latin1.txt").write_bytes(("Ça coûte très cher, garçon. " * 400).encode("latin-1"))
     path = f"data.path={tmp_path}/latin1.txt"
-    assert_user_error(train(tmp_path, "data=text", path), "latin1.txt", "UTF-8")
+    assert_user_error(train_here(tmp_path, "data=text", path), "latin1.txt", "UTF-8")
     ok = train(tmp_path, "data=text", path, "data.errors=replace")
     assert ok.returncode == 0, ok.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -98,7 +109,7 @@ def test_chinese_corpus_with_thousands_of_characters(tmp_path):
     (["data.block_size=200000"], ["val split", "block_size"]),
 ])
 def test_bad_config(tmp_path, args, fragments):
-    assert_user_error(train(tmp_path, *args), *fragments)
+    assert_user_error(train_here(tmp_path, *args), *fragments)
 
 
 def folder_digest(folder: Path) -> dict[str, tuple[str, int]]:
@@ -111,7 +122,7 @@ def folder_digest(folder: Path) -> dict[str, tuple[str, int]]:
 def test_existing_run_is_not_overwritten(trained_run, tmp_path):
     before = folder_digest(trained_run)
     assert "checkpoints/best.ckpt" in before and ".hydra/config.yaml" in before
-    proc = run_cli("charlm.train", *TINY, f"hydra.run.dir={trained_run}", check=False)
+    proc = run_main("charlm.train", *TINY, f"hydra.run.dir={trained_run}", check=False)
     assert_user_error(proc, "already holds a run", "ckpt_path=")
     assert folder_digest(trained_run) == before  # nothing written, changed, added or removed
 
@@ -139,8 +150,8 @@ def test_bad_checkpoints(tmp_path, trained_run):
     for name, fragment in [("missing.ckpt", "no such"), ("empty.ckpt", "empty"),
                            ("text.ckpt", "not a loadable"), ("trunc.ckpt", "not a loadable")]:
         assert_user_error(sample(f"ckpt_path={tmp_path / name}"), name, fragment)
-    proc = run_cli("charlm.train", *TINY, f"ckpt_path={tmp_path / 'trunc.ckpt'}", f"hydra.run.dir={tmp_path}/r",
-                   check=False)
+    proc = run_main("charlm.train", *TINY, f"ckpt_path={tmp_path / 'trunc.ckpt'}", f"hydra.run.dir={tmp_path}/r",
+                    check=False)
     assert_user_error(proc, "trunc.ckpt")
 
 
@@ -158,15 +169,16 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "hyper_parameters": {"vocab": _Payload(str(marker))}}, tmp_path / "evil.ckpt")
     assert not marker.exists()
-    assert_user_error(sample(f"ckpt_path={tmp_path / 'evil.ckpt'}"), "evil.ckpt", "refused")
+    assert_user_error(run_cli("charlm.sample", f"ckpt_path={tmp_path / 'evil.ckpt'}", check=False), "evil.ckpt",
+                      "refused")  # the real command, end to end
     assert not marker.exists()
     assert pickle  # the payload above is what a plain torch.load/pickle.load would execute
 
 
 def test_resume_on_corpus_with_other_characters(tmp_path, trained_run):
     (tmp_path / "zh.txt").write_text("数据" * 5000, encoding="utf-8")
-    proc = train(tmp_path, "data=text", f"data.path={tmp_path}/zh.txt",
-                 f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}")
+    proc = train_here(tmp_path, "data=text", f"data.path={tmp_path}/zh.txt",
+                      f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}")
     assert_user_error(proc, "zh.txt", "not in the vocabulary")
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 from charlm.checkpoint import save_model
 from charlm.cli import compose
@@ -99,13 +99,13 @@ def test_train_sample_evaluate_resume_in_byte_unit(enwik8_file, tmp_path):
 
     raw = subprocess.run([sys.executable, "-m", "charlm.sample", f"ckpt_path={ckpt}", "prompt=Caf", "n_chars=30",
                           "raw=true", "seed=1"], capture_output=True, timeout=300)     # bytes, maybe not UTF-8
-    shown = run_cli("charlm.sample", f"ckpt_path={ckpt}", "prompt=Caf", "n_chars=30", "seed=1")
+    shown = run_main("charlm.sample", f"ckpt_path={ckpt}", "prompt=Caf", "n_chars=30", "seed=1")  # in this process
     assert raw.returncode == 0 and raw.stdout.startswith(b"Caf") and shown.stdout.startswith("Caf")
     assert "decoded as UTF-8" in shown.stderr
 
     out = tmp_path / "eval.json"
-    run_cli("charlm.evaluate", f"ckpt_path={ckpt}", "data=enwik8", f"data.path={enwik8_file}", "split=test",
-            f"json={out}")
+    run_main("charlm.evaluate", f"ckpt_path={ckpt}", "data=enwik8", f"data.path={enwik8_file}", "split=test",
+             f"json={out}")
     scored = json.loads(out.read_text())
     n = enwik8_file.stat().st_size
     assert scored["unit"] == "byte" and scored["chars_scored"] == n - int(n * 19 / 20) - 1
@@ -117,8 +117,8 @@ def test_train_sample_evaluate_resume_in_byte_unit(enwik8_file, tmp_path):
 
     text = tmp_path / "chars.txt"
     text.write_text(PAGE * 40, encoding="utf-8")
-    proc = run_cli("charlm.evaluate", f"ckpt_path={ckpt}", "data=text", f"data.path={text}",
-                   f"json={tmp_path / 'no.json'}", check=False)
+    proc = run_main("charlm.evaluate", f"ckpt_path={ckpt}", "data=text", f"data.path={text}",
+                    f"json={tmp_path / 'no.json'}", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "data.unit=byte" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "no.json").exists()
@@ -130,8 +130,8 @@ def test_refusals_are_one_line(tmp_path, args, fragment):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     run = tmp_path / "run"
-    proc = run_cli("charlm.train", *[a.replace("EMPTY", str(empty)) for a in args], *TINY_RUN,
-                   "trainer.max_steps=2", f"hydra.run.dir={run}", check=False)
+    proc = run_main("charlm.train", *[a.replace("EMPTY", str(empty)) for a in args], *TINY_RUN,
+                    "trainer.max_steps=2", f"hydra.run.dir={run}", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert fragment in lines[0]

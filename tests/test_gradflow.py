@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_main
 from hydra.utils import instantiate
 from torch import nn
 
@@ -84,8 +84,8 @@ def test_gradflow_cli(tmp_path, trained_run):
         assert len(c["init"]) == len(c["trained"]) == 12 and c["trained"][0] > 0
     assert (out / "gradient_flow.png").stat().st_size > 1000
     ck = tmp_path / "ck"
-    run_cli("charlm.gradflow", f"ckpt_path={trained_run}/checkpoints/last.ckpt", "seq_len=12", "n_rows=4",
-            f"out_dir={ck}")
+    run_main("charlm.gradflow", f"ckpt_path={trained_run}/checkpoints/last.ckpt", "seq_len=12", "n_rows=4",
+             f"out_dir={ck}")  # the same CLI through its main() in this process
     curves = json.loads((ck / "gradient_flow.json").read_text())
     assert list(curves) == ["lstm"]  # the run's model name, from the checkpoint
     c = curves["lstm"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def test_plan_claims_a_fresh_folder_and_resume_continues_in_the_checkpoints(tmp_
 
 def test_resume_into_a_folder_holding_another_run_is_refused(trained_run, tmp_path):
     other = tmp_path / "other"
-    run_cli("charlm.train", *TINY, f"hydra.run.dir={other}")
+    shutil.copytree(trained_run, other)  # another finished run (a copy: checkpoints, results.json, .hydra/)
     before = folder_state(other)
     proc = run_cli("charlm.train", *TINY, f"ckpt_path={trained_run}/checkpoints/last.ckpt", f"hydra.run.dir={other}",
                    check=False)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, run_cli, run_main
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from charlm.cli import compose
@@ -186,12 +186,29 @@ def _expect_error(cfg, key: str, value, check) -> None:
     assert key in msg and "\n" not in msg, f"{key}: {msg}"
 
 
+def _changed_sections(cfg: DictConfig, base: DictConfig) -> set[str]:
+    """Top-level sections of `cfg` whose (unresolved) content differs from `base`'s."""
+    def section(c: DictConfig, k: str):
+        return OmegaConf.to_container(OmegaConf.masked_copy(c, [k])) if k in c else None
+
+    return {k for k in cfg if k != "hydra" and section(cfg, k) != section(base, k)}
+
+
 @pytest.mark.parametrize("variant", TRAIN_VARIANTS, ids=lambda v: v[0])
 def test_every_train_key_rejects_a_wrong_type(variant):
+    """Every key of every variant: model=lstm (the default composition) checks all of its keys; each other variant
+    checks its own group's keys and those of any other section it changes (the rest are the same keys with the
+    same values and schemas as in the default, already checked there)."""
     extra = ["data.path=/tmp/x.txt"] if variant in (["data=text"], ["data=enwik8"], ["data=text8"]) else []
     cfg = compose("train", variant + extra)
-    keys = list(leaves(cfg))
-    assert len(keys) > 20
+    all_keys = list(leaves(cfg))
+    assert len(all_keys) > 20
+    changed = _changed_sections(cfg, compose("train", []))
+    full = variant == ["model=lstm"]  # train.yaml's own defaults: every key
+    assert not (full and changed), changed
+    sections = changed | {variant[0].split("=")[0]}
+    keys = all_keys if full else [(k, v) for k, v in all_keys if k.split(".")[0] in sections]
+    assert keys, variant
     for key, value in keys:
         _expect_error(cfg, key, value, check_config)
 
@@ -237,8 +254,9 @@ def test_cli_wrong_type_is_one_line_exit_2(module, args, key, tmp_path):
 # ---- a model from outside the package -----------------------------------------------------------
 
 
-def test_model_from_outside_the_package(tmp_path):
-    """One .py file on PYTHONPATH and one YAML on hydra.searchpath: trains, samples, evaluates, gradflows."""
+def test_model_from_outside_the_package(tmp_path, monkeypatch):
+    """One .py file on PYTHONPATH and one YAML on hydra.searchpath: trains (a fresh `python -m charlm.train` with
+    PYTHONPATH), then samples, evaluates and gradflows through the CLIs' main() here, the folder on sys.path."""
     ext = ROOT / "tests" / "external"
     env = {"PYTHONPATH": str(ext)}
     search = f"hydra.searchpath=[file://{ext / 'conf'}]"
@@ -247,11 +265,12 @@ def test_model_from_outside_the_package(tmp_path):
             f"hydra.run.dir={run_dir}", env=env)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["model"] == "bag_of_chars" and results["best_val_loss"] is not None
-    out = run_cli("charlm.sample", f"ckpt_path={run_dir}/checkpoints/best.ckpt", "n_chars=25", "seed=0", env=env)
+    monkeypatch.syspath_prepend(str(ext))
+    out = run_main("charlm.sample", f"ckpt_path={run_dir}/checkpoints/best.ckpt", "n_chars=25", "seed=0")
     assert len(out.stdout.rstrip("\n")) >= 25
-    ev = run_cli("charlm.evaluate", f"ckpt_path={run_dir}/checkpoints/best.ckpt", env=env)
+    ev = run_main("charlm.evaluate", f"ckpt_path={run_dir}/checkpoints/best.ckpt")
     assert "bits/char" in ev.stdout
-    run_cli("charlm.gradflow", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"out_dir={tmp_path / 'gf'}",
-            "seq_len=12", "n_rows=2", env=env)
+    run_main("charlm.gradflow", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"out_dir={tmp_path / 'gf'}",
+             "seq_len=12", "n_rows=2")
     curves = json.loads((tmp_path / "gf" / "gradient_flow.json").read_text())
     assert len(curves["bag_of_chars"]["trained"]) == 12

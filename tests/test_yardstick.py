@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, run_main
 from torch import nn
 
 from charlm.data import RandomWindows, Streams
@@ -167,7 +167,7 @@ def test_evaluate_unknown_characters(trained_run, tmp_path):
     ckpt = json.loads((trained_run / "results.json").read_text())["best_ckpt"]
     bad = run_cli("charlm.evaluate", f"ckpt_path={ckpt}", "data=text", f"data.path={text}", check=False)
     assert bad.returncode == 2 and "'é'" in bad.stderr and "Traceback" not in bad.stderr
-    ok = run_cli("charlm.evaluate", f"ckpt_path={ckpt}", "data=text", f"data.path={text}", "unknown=skip",
-                 "split=all", f"json={tmp_path / 'e.json'}")
+    ok = run_main("charlm.evaluate", f"ckpt_path={ckpt}", "data=text", f"data.path={text}", "unknown=skip",
+                  "split=all", f"json={tmp_path / 'e.json'}")  # the same command in this process
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["skipped_chars"] == 200 and ev["chars_scored"] == 200 * 8 - 1, ok.stdout
