@@ -135,7 +135,8 @@ def test_a_failed_build_falls_back_to_the_pytorch_scans_with_one_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "trained"
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "could not be built" in lines[0] and "PyTorch scans" in lines[0], done.stderr
+    assert len(lines) == 1 and "could not be built" in lines[0], done.stderr
+    assert "PyTorch scans and convolution" in lines[0], done.stderr
     assert list(folder.iterdir()) == []
 
 

@@ -60,8 +60,8 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
                                capture_output=True, timeout=120)
                 os.replace(built, target)
         except (OSError, subprocess.SubprocessError) as err:
-            print(f"charlm: the compiled CPU scans could not be built ({err}); using the PyTorch scans",
-                  file=sys.stderr)
+            print(f"charlm: the compiled CPU scans and convolution could not be built ({err}); using the PyTorch "
+                  "scans and convolution", file=sys.stderr)
             return None
     return ctypes.CDLL(str(target))
 
