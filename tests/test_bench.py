@@ -57,7 +57,7 @@ def test_bench_writes_results_for_both_modes(tmp_path):
         positive(s, ["parallel_ms", "loop_ms", "speedup"], s["what"])
     positive(res["data"], ["mb", "encode_s", "mb_per_s", "prepare_again_s", "peak_rss_mb"], "data")
     assert isinstance(res["data"]["memory_mapped"], bool)
-    assert "Lowest ratio" in md and "Parallel scan" in md
+    assert "Lowest ratio" in md and "charlm's scans (compiled C loops on a CPU" in md
     assert [e["chars"] for e in res["explain"]] == [60] and res["explain"][0]["seconds"] > 0
     assert "charlm.explain, two 1x384 LSTMs" in md
 
