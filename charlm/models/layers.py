@@ -38,13 +38,13 @@ class CausalConv(nn.Module):
             window = x.new_zeros(B, self.width - 1, E)
         if native.supports(x) and window.dtype == self.weight.dtype == x.dtype:  # the same sums, in C
             y = _NativeCausalConv.apply(x.contiguous(), window.contiguous(), self.weight, self.bias)
-            keep = self.width - 1
-            return y, (x[:, T - keep :] if T >= keep else torch.cat([window[:, T:], x], 1)).clone()
-        xs = torch.cat([window, x], 1)                                # (B, width-1+T, E)
-        y = self.bias.expand(B, T, E)
-        for k in range(self.width):
-            y = y + xs[:, k : k + T] * self.weight[:, k]              # (B, T, E)
-        return y, xs[:, xs.shape[1] - (self.width - 1) :].clone()     # (B, width-1, E)
+        else:
+            xs = torch.cat([window, x], 1)                            # (B, width-1+T, E)
+            y = self.bias.expand(B, T, E)
+            for k in range(self.width):
+                y = y + xs[:, k : k + T] * self.weight[:, k]          # (B, T, E)
+        keep = self.width - 1  # the next window: the last width-1 inputs of (window, x)
+        return y, (x[:, T - keep :] if T >= keep else torch.cat([window[:, T:], x], 1)).clone()  # (B, width-1, E)
 
 
 class _NativeCausalConv(torch.autograd.Function):
