@@ -283,6 +283,17 @@ def child_encode(spec: dict) -> dict:
 CHILDREN = {"charlm": child_charlm, "bare": child_bare, "encode": child_encode}
 
 
+def forked(kind: str, spec_path: str, log: str) -> None:
+    """The entry of a child forked from scripts/bench_runs.py's fork server: its output into `log`, as a
+    started child's, then `main`. The working directory is the repository's, as a started child's."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.chdir(ROOT)
+    main([kind, spec_path])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] not in CHILDREN:
         raise SystemExit(f"usage: bench_child.py {{{','.join(CHILDREN)}}} SPEC.json")

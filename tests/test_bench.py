@@ -203,3 +203,23 @@ def test_a_failing_side_stops_its_partner(tmp_path, monkeypatch):
     bare_on_both_sides(monkeypatch)
     with pytest.raises(SystemExit, match="bare-bare-random failed"):
         run_pair(good, broken, tmp_path, charlm_first=True)
+
+
+def test_a_forked_side_measures_and_fails_as_a_started_one(tmp_path, monkeypatch):
+    """A side forked from the fork server (the charlm side on a CPU; here the bare loop, made a forked
+    kind) writes its figures where a started child does, and a failure reaches the bench with the end of
+    the child's log (its stderr went there)."""
+    import bench_runs
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server, started here, passes it to every child
+    monkeypatch.setattr(bench_runs, "FORKED", ("bare",))
+    proc, spec_path, tag = bench_runs.start_child("bare", TINY_BARE, tmp_path)
+    assert isinstance(proc, bench_runs.Forked)
+    out = bench_runs.finish_child(proc, spec_path, tag)
+    assert len(out["slices"]) == 3 and all(r > 0 for r in out["slices"])
+    broken = TINY_BARE | {"name": "broken",
+                          "model": {**TINY_BARE["model"], "_target_": "charlm.models.rnn.NoSuchModel"}}
+    proc, spec_path, tag = bench_runs.start_child("bare", broken, tmp_path)
+    assert isinstance(proc, bench_runs.Forked)
+    with pytest.raises(SystemExit, match=r"(?s)bare-broken-random failed \(1\).*NoSuchModel"):
+        bench_runs.finish_child(proc, spec_path, tag)

@@ -109,3 +109,31 @@ def test_rnn_runs_in_the_claimed_dtype(precision, dtype):
     with plugin.forward_context():
         model(torch.randint(0, 11, (2, 5), device="cuda"))
     assert seen == [dtype]
+
+
+def test_trainer_profiles_quietly_unless_a_profiler_is_named(tmp_path):
+    from conftest import TINY
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from charlm import cli
+    from charlm.build import QuietProfiler, build
+
+    quick = [*TINY, "sample.n_chars=0", "logger=none"]
+    trainer = build(cli.compose("train", quick), tmp_path / "a", "lstm").trainer
+    assert isinstance(trainer.profiler, QuietProfiler)
+    first, second = trainer.profiler.profile("x"), trainer.profiler.profile("y")
+    assert first is second, "one shared context, not one built per call"
+    with first, second:  # nested, as Lightning's hooks are
+        pass
+    named = build(cli.compose("train", [*quick, "+trainer.profiler=simple"]), tmp_path / "b", "lstm").trainer
+    assert type(named.profiler) is SimpleProfiler
+
+
+def test_lightnings_hook_name_attribute_stays_a_plain_attribute(stream_dm):
+    module = tiny_module(stream_dm)
+    module._current_fx_name = "training_step"
+    assert module._current_fx_name == "training_step" and vars(module)["_current_fx_name"] == "training_step"
+    module._current_fx_name = None
+    assert module._current_fx_name is None
+    module.extra = torch.nn.Linear(2, 2)  # every other name still goes through nn.Module
+    assert "extra" in module._modules and "extra" not in vars(module)
