@@ -29,20 +29,31 @@ SLICES = 24  # turns each side takes in a run: its timed steps cut into this man
 SYNC_PROBE = 10  # CUDA only: steps after the timed window run under torch's sync debug mode, counting host syncs
 
 
-def rss_mb() -> float:
-    """Current resident set size (Linux), else nan."""
+def status_mb(key: str) -> float:
+    """A size from Linux's /proc/self/status (VmRSS, VmHWM) in MB, else nan."""
     with contextlib.suppress(OSError):
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def memory(rss0: float, cuda: bool = CUDA) -> dict:
-    """Peak RSS of this process so far, its growth since `rss0`, and the CUDA peak when there is one."""
-    import resource
+def rss_mb() -> float:
+    """Current resident set size (Linux), else nan."""
+    return status_mb("VmRSS")
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+def memory(rss0: float, cuda: bool = CUDA) -> dict:
+    """Peak RSS of this process so far, its growth since `rss0`, and the CUDA peak when there is one.
+
+    The peak is Linux's VmHWM, the high-water mark of this program's own memory: `ru_maxrss` of a child
+    started by fork and exec begins at its parent's RSS at the fork (the bench's parent, holding every
+    model it sampled, then passes its ~530 MB to every child it starts). Elsewhere `ru_maxrss`."""
+    peak = status_mb("VmHWM")
+    if peak != peak:  # nan: no /proc
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     return {"peak_rss_mb": peak, "rss_growth_mb": peak - rss0,
             **({"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {})}
 

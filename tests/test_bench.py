@@ -223,3 +223,20 @@ def test_a_forked_side_measures_and_fails_as_a_started_one(tmp_path, monkeypatch
     assert isinstance(proc, bench_runs.Forked)
     with pytest.raises(SystemExit, match=r"(?s)bare-broken-random failed \(1\).*NoSuchModel"):
         bench_runs.finish_child(proc, spec_path, tag)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's /proc")
+def test_a_started_childs_peak_memory_is_its_own(tmp_path):
+    """A child started while its parent holds 400 MB reports its own peak, not the parent's: ru_maxrss
+    would begin at the parent's RSS at the fork."""
+    held = bytearray(400 * 2**20)
+    held[:: 4096] = b"\x01" * len(held[:: 4096])  # touched: resident
+    parent_rss = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS:"))) / 1024
+    code = ("import json, sys; sys.path.insert(0, 'scripts'); import bench_child; "
+            "print(json.dumps(bench_child.memory(bench_child.rss_mb(), cuda=False)))")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                    check=True).stdout)
+    assert parent_rss > 400
+    assert 0 < out["peak_rss_mb"] < parent_rss - 300, (out, parent_rss)  # the child imports torch: ~230 MB
+    assert out["rss_growth_mb"] >= 0
+    del held
