@@ -33,7 +33,7 @@ from bench_runs import paired_ratio, run_child, run_pair  # noqa: E402  (the chi
 
 PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     # conf/model/*.yaml as they are: what `make train` / `make compare` run on a CPU
-    # 150 steps (135 timed, 24 slices of 5 a side): 22 cases x 2 runs in about 20 minutes on 2 cores
+    # 150 steps (135 timed, 24 slices of 5 a side): 22 cases x 2 runs, ~21.5 minutes on 2 cores
     "cpu": {"data": {"block_size": 64, "batch_size": 32}, "steps": 150, "recipes": None, "sizes": {}},
     # the model sizes (and compile) of conf/compare/gpu.yaml: 3x512 RNNs with emb 128 and dropout 0.2,
     # transformer 6L/6H/384 compiled, modern models 6x384
