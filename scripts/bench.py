@@ -27,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_child import BETAS, CLIP, CORPUS, CUDA, LR, SLICES, SYNC_PROBE, sync  # noqa: E402  (the children's settings)
+from bench_child import BETAS, CLIP, CORPUS, LR  # noqa: E402  (the children's settings)
 from bench_report import MODES, largest_change, lowest_ratio, table, write  # noqa: E402,F401  (the tables)
 from bench_runs import paired_ratio, run_child, run_pair  # noqa: E402  (the children's processes)
+from bench_window import CUDA, SLICES, SYNC_PROBE, sync  # noqa: E402  (the timing window's)
 
 PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     # conf/model/*.yaml as they are: what `make train` / `make compare` run on a CPU

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_child import CUDA
+import bench_child
+from bench_window import CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -64,8 +65,6 @@ def start_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> t
     spec_path, log = work / f"{tag}.json", work / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
     if kind in FORKED and not env and not CUDA and "forkserver" in multiprocessing.get_all_start_methods():
-        import bench_child
-
         proc = fork_server().Process(target=bench_child.forked, args=(kind, str(spec_path), str(log)))
         proc.start()
         return Forked(proc), spec_path, tag
@@ -90,7 +89,7 @@ def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dic
 
 
 def run_pair(charlm_spec: dict, bare_spec: dict, work: Path, charlm_first: bool) -> tuple[dict, dict]:
-    """charlm and the bare loop at once, taking turns slice by slice (bench_child.Turns) through two
+    """charlm and the bare loop at once, taking turns slice by slice (bench_window.Turns) through two
     named pipes; `charlm_first` says which side starts."""
     pipes = [work / "to-charlm", work / "to-bare"]
     for pipe in pipes:

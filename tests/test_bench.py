@@ -232,8 +232,8 @@ def test_a_started_childs_peak_memory_is_its_own(tmp_path):
     held = bytearray(400 * 2**20)
     held[:: 4096] = b"\x01" * len(held[:: 4096])  # touched: resident
     parent_rss = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS:"))) / 1024
-    code = ("import json, sys; sys.path.insert(0, 'scripts'); import bench_child; "
-            "print(json.dumps(bench_child.memory(bench_child.rss_mb(), cuda=False)))")
+    code = ("import json, sys; sys.path.insert(0, 'scripts'); import bench_window; "
+            "print(json.dumps(bench_window.memory(bench_window.rss_mb(), cuda=False)))")
     out = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
                                     check=True).stdout)
     assert parent_rss > 400
