@@ -34,8 +34,9 @@ from bench_window import CUDA, SLICES, SYNC_PROBE, sync  # noqa: E402  (the timi
 
 PRESETS = {  # the sizes of ../shared/BENCHMARKS.md's CPU and GPU tables
     # conf/model/*.yaml as they are: what `make train` / `make compare` run on a CPU
-    # 150 steps (135 timed, 24 slices of 5 a side): 22 cases x 2 runs, ~21.5 minutes on 2 cores
-    "cpu": {"data": {"block_size": 64, "batch_size": 32}, "steps": 150, "recipes": None, "sizes": {}},
+    # 140 steps, the first 5 untimed (a CPU step is steady from the second on; no autotuning, no
+    # compilation), 135 timed in 27 slices of 5 a side: 22 cases x 2 runs
+    "cpu": {"data": {"block_size": 64, "batch_size": 32}, "steps": 140, "warmup": 5, "recipes": None, "sizes": {}},
     # the model sizes (and compile) of conf/compare/gpu.yaml: 3x512 RNNs with emb 128 and dropout 0.2,
     # transformer 6L/6H/384 compiled, modern models 6x384
     "gpu": {"data": {"block_size": 256, "batch_size": 64}, "steps": 200, "recipes": "gpu", "sizes": {}},
@@ -170,7 +171,7 @@ def main() -> None:
     p.add_argument("--modes", default="auto", help="auto (random for all, stream where the model prefers it), "
                    "or a comma-separated subset of random,stream for every model")
     p.add_argument("--steps", type=int, help="training steps per side (default: the preset's)")
-    p.add_argument("--warmup", type=int, help="untimed first steps (default: steps // 10, at least 1)")
+    p.add_argument("--warmup", type=int, help="untimed first steps (default: the preset's, else steps // 10, at least 1)")
     p.add_argument("--repeats", type=int, default=2, help="run the pair (charlm and the bare loop taking turns "
                    "slice by slice) N times, who starts alternating; report the median ratio and its spread")
     p.add_argument("--budget-s", type=float, help="start no new training run after this many seconds (the rest "
@@ -189,7 +190,7 @@ def main() -> None:
     t_start = time.perf_counter()
     preset = PRESETS[a.preset]
     steps = a.steps or preset["steps"]
-    warmup = a.warmup if a.warmup is not None else max(1, steps // 10)
+    warmup = a.warmup if a.warmup is not None else preset.get("warmup", max(1, steps // 10))
     if not 1 <= warmup < steps:
         p.error(f"--warmup {warmup} must be in [1, --steps)")
     if a.modes != "auto" and not set(a.modes.split(",")) <= set(MODES):

@@ -98,6 +98,11 @@ class Window:
         self.turns = Turns(spec["turns"]) if spec.get("turns") else None
         self.t0 = None
 
+    @property
+    def complete(self) -> bool:
+        """Every figure measured: the timed steps, and on CUDA the host-sync probe after them."""
+        return self.done >= self.steps + (SYNC_PROBE if CUDA else 0) and bool(self.result)
+
     def step_done(self) -> None:
         self.done += 1
         timed = self.done - self.warmup

@@ -240,3 +240,21 @@ def test_a_started_childs_peak_memory_is_its_own(tmp_path):
     assert 0 < out["peak_rss_mb"] < parent_rss - 300, (out, parent_rss)  # the child imports torch: ~230 MB
     assert out["rss_growth_mb"] >= 0
     del held
+
+
+def test_the_charlm_side_ends_with_its_window(tmp_path):
+    """The charlm side returns its figures once its last timed step is counted: what `charlm.train` does
+    after training (last validation, checkpoints, the final evaluation, results.json) is not waited for."""
+    import bench
+    import bench_child
+
+    overrides, bare = bench.model_setup("rnn", "stream", bench.PRESETS["tiny"], 6)
+    run_dir = tmp_path / "run"
+    spec = {"name": "rnn", "mode": "stream", "steps": 6, "warmup": 1, "slice": 2, "block_size": 16, "batch_size": 8,
+            "overrides": [*overrides, f"hydra.run.dir={run_dir}"], "run_dir": str(run_dir), **bare}
+    out = bench_child.child_charlm(spec)
+    assert out["sampling"] == "stream" and out["precision"] == "32-true"
+    # tiny sizes on tiny shakespeare's 65 chars: embedding, nn.RNN (W_ih, W_hh, two biases), head
+    assert out["params"] == 65 * 16 + (32 * 16 + 32 * 32 + 2 * 32) + (32 * 65 + 65)
+    assert len(out["slices"]) == 3 and all(r > 0 for r in out["slices"])
+    assert not (run_dir / "results.json").exists() and not list(run_dir.rglob("*.ckpt"))

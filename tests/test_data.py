@@ -113,3 +113,16 @@ def test_more_than_256_chars_are_stored_as_uint16(tmp_path, monkeypatch):
     assert json.loads(meta_file.read_text())["dtype"] == "uint16"
     vocab2, ids2 = encode_corpus(str(f))  # a cache hit gives the same
     assert vocab2 == vocab and torch.equal(ids2, ids)
+
+
+def test_training_batches_draw_nothing_from_the_global_rng():
+    """What Lightning iterates for training is the batches themselves (no DataLoader), seeded by their own
+    generator: starting and drawing from it leaves torch's global RNG where it was (exact resume)."""
+    dm = CharDataModule(block_size=8, batch_size=4, sampling="random")
+    dm.prepare()
+    before = torch.get_rng_state()
+    batches = dm.train_dataloader()
+    x, y, reset = next(iter(batches))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert x.shape == y.shape == (4, 8) and reset is True
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one character
