@@ -171,9 +171,9 @@ class CharDataModule(L.LightningDataModule):
         return RandomWindows(ids, self.block_size, self.batch_size, self.seed + 7919 * rank, start)
 
     def train_dataloader(self) -> IterableDataset:
-        """The batches themselves: each item is a whole batch, made in this process, so no DataLoader is
-        needed around them (its per-batch machinery cost ~0.1 ms a step, a few % of a small model's step).
-        Iterating draws nothing from the global RNG (exact resume)."""
+        """The batches themselves: each item is a whole batch, made in this process, so no DataLoader goes
+        around them (its per-batch machinery cost 25-45 us a batch on a 2-core CPU). Iterating draws nothing
+        from the global RNG (exact resume)."""
         start = self.trainer.global_step if self.trainer is not None else 0
         return self.train_dataset(start)
 

@@ -171,7 +171,8 @@ def main() -> None:
     p.add_argument("--modes", default="auto", help="auto (random for all, stream where the model prefers it), "
                    "or a comma-separated subset of random,stream for every model")
     p.add_argument("--steps", type=int, help="training steps per side (default: the preset's)")
-    p.add_argument("--warmup", type=int, help="untimed first steps (default: the preset's, else steps // 10, at least 1)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed first steps (default: the preset's, else steps // 10, at least 1)")
     p.add_argument("--repeats", type=int, default=2, help="run the pair (charlm and the bare loop taking turns "
                    "slice by slice) N times, who starts alternating; report the median ratio and its spread")
     p.add_argument("--budget-s", type=float, help="start no new training run after this many seconds (the rest "
