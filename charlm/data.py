@@ -177,6 +177,13 @@ class CharDataModule(L.LightningDataModule):
         start = self.trainer.global_step if self.trainer is not None else 0
         return self.train_dataset(start)
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """Every batch is made on the CPU: a CPU run has nothing to move (Lightning's generic walk over
+        the batch would still visit each tensor, every step)."""
+        if device.type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def configure_eval(self, context_size: int | None = None, streams: int = 8, chunk: int = 256,
                        stride: int | None = None, batch_size: int = 64, max_chars: int | None = None, **_) -> None:
         """How the yardstick scores the val/test split (`charlm.yardstick`): `context_size` None for

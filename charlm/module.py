@@ -124,13 +124,18 @@ class CharLM(L.LightningModule):
                 torch.nn.utils.clip_grad_value_(params, value)
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, value if value > 0 else math.inf)
-        clipped = (norm > value) if value > 0 else torch.zeros((), dtype=torch.bool, device=norm.device)
-        self.clip_count += clipped.long()
+        if norm.device.type == "cpu":  # no device to wait for: compare and count in Python (two tensor ops less)
+            clipped = value > 0 and float(norm) > value
+            if clipped:
+                self.clip_count.add_(1)
+        else:
+            clipped = (norm > value) if value > 0 else torch.zeros((), dtype=torch.bool, device=norm.device)
+            self.clip_count.add_(clipped.long())
         if not self._grad_scaler:  # with a scaler, inf gradients are the scaler's business
             self._flag_nonfinite(norm)
         if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:  # as _log_now
             self.log("train/grad_norm", norm)
-            self.log("train/clipped", clipped.float())
+            self.log("train/clipped", float(clipped) if isinstance(clipped, bool) else clipped.float())
             self.log("train/clip_frac", self.clip_count.float() / (self.trainer.global_step + 1))
 
     def _uses_grad_scaler(self) -> bool:

@@ -126,3 +126,12 @@ def test_training_batches_draw_nothing_from_the_global_rng():
     assert torch.equal(torch.get_rng_state(), before)
     assert x.shape == y.shape == (4, 8) and reset is True
     assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one character
+
+
+def test_batches_move_only_when_the_run_is_not_on_the_cpu():
+    dm = CharDataModule(block_size=8, batch_size=4, sampling="random")
+    dm.prepare()
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch  # made on the CPU: nothing to do
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)  # any other device: Lightning's move
+    assert moved.x.device.type == moved.y.device.type == "meta" and moved.reset is True

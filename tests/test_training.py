@@ -137,3 +137,19 @@ def test_lightnings_hook_name_attribute_stays_a_plain_attribute(stream_dm):
     assert module._current_fx_name is None
     module.extra = torch.nn.Linear(2, 2)  # every other name still goes through nn.Module
     assert "extra" in module._modules and "extra" not in vars(module)
+
+
+@pytest.mark.parametrize(("value", "clipped"), [(1e-6, True), (1e6, False), (0.0, False)])
+def test_clipping_is_counted_and_logged(stream_dm, value, clipped):
+    """clip_count counts the steps whose pre-clip gradient norm was above clip.value (every step for a
+    tiny value, none for a huge one or with clipping off), and the logged clip fraction agrees."""
+    module = tiny_module(stream_dm, clip={"value": value})
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        log_every_n_steps=3)
+    trainer.fit(module, datamodule=stream_dm)
+    assert int(module.clip_count) == (6 if clipped else 0)
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/clipped"]) == float(clipped)
+    assert float(metrics["train/clip_frac"]) == pytest.approx(1.0 if clipped else 0.0)
+    assert float(metrics["train/grad_norm"]) > 0
