@@ -133,9 +133,9 @@ class CharLM(L.LightningModule):
             self.clip_count.add_(clipped.long())
         if not self._grad_scaler:  # with a scaler, inf gradients are the scaler's business
             self._flag_nonfinite(norm)
-        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:  # as _log_now
+        if self._log_now():
             self.log("train/grad_norm", norm)
-            self.log("train/clipped", float(clipped) if isinstance(clipped, bool) else clipped.float())
+            self.log("train/clipped", torch.as_tensor(clipped, dtype=torch.float32))  # a bool on a CPU
             self.log("train/clip_frac", self.clip_count.float() / (self.trainer.global_step + 1))
 
     def _uses_grad_scaler(self) -> bool:
