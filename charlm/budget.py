@@ -168,8 +168,20 @@ class BudgetBar(TQDMProgressBar):
     """Lightning's progress bar, counting the budget: seconds under `budget.seconds` (elapsed/total s and a
     true ETA), steps otherwise (continuing from a resumed step). Never a placeholder step limit."""
 
+    _clock_for: tuple = (None, None)  # (trainer, its BudgetClock or None)
+
     def _clock(self, trainer) -> BudgetClock | None:
-        return next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None)
+        """The trainer's clock, looked up once per trainer (the bar reads it every step)."""
+        if self._clock_for[0] is not trainer:
+            self._clock_for = (trainer, next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None))
+        return self._clock_for[1]
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """Lightning's bar metrics, the training loss shown as `loss`."""
+        metrics = super().get_metrics(trainer, pl_module)
+        if "train/loss" in metrics:
+            metrics = {"loss": metrics.pop("train/loss"), **metrics}
+        return metrics
 
     def _position(self, trainer) -> tuple[float | None, float]:
         """(total, done) of the budget, in seconds or steps."""

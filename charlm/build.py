@@ -176,8 +176,27 @@ def build_trainer(cfg: DictConfig, run_dir: Path, caps: Capabilities, loggers: l
         default_root_dir=str(run_dir), enable_checkpointing=True,
         use_distributed_sampler=False,  # val batches are sharded by rank in CharDataModule (no padded repeats)
     )
+    unset_idle_hooks(trainer.callbacks)
     apply_tokens(trainer, cfg)  # a tokens budget needs the world size: steps set on the built trainer
     return trainer
+
+
+# The hooks Lightning calls on every callback at every training or validation batch.
+BATCH_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+               "on_before_zero_grad", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end")
+
+
+def unset_idle_hooks(callbacks: list) -> None:
+    """Unset the per-batch hooks a callback leaves as the base class's no-op, so Lightning skips them.
+
+    Lightning calls each batch hook on every callback, overridden or not, and skips one that is not
+    callable (`_call_callback_hooks`). Inside a training run such a no-op call costs ~8-10 us (the
+    state key, the profiler's context, the call): ~35 a step with charlm's callbacks, ~0.2 ms of a
+    small model's ~20 ms step on a CPU. A hook set on the instance itself is left as it is."""
+    for callback in callbacks:
+        for hook in BATCH_HOOKS:
+            if hook not in vars(callback) and getattr(type(callback), hook) is getattr(L.Callback, hook):
+                setattr(callback, hook, None)
 
 
 class QuietProfiler(PassThroughProfiler):

@@ -129,6 +129,46 @@ def test_trainer_profiles_quietly_unless_a_profiler_is_named(tmp_path):
     assert type(named.profiler) is SimpleProfiler
 
 
+def test_callbacks_are_called_only_for_the_batch_hooks_they_implement(tmp_path):
+    """The builder unsets the per-batch hooks a callback leaves as Lightning's no-op (Lightning skips a
+    hook that is not callable); the hooks a callback implements, on its class or on the instance, run."""
+    from conftest import TINY
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from charlm import cli
+    from charlm.build import build
+
+    class Ends(L.Callback):
+        ends = 0
+
+        def on_train_batch_end(self, *args):
+            self.ends += 1
+
+    ends, backwards = Ends(), []
+    lam = LambdaCallback(on_after_backward=lambda trainer, module: backwards.append(trainer.global_step))
+    cfg = cli.compose("train", [*TINY, "sample.n_chars=0", "trainer.max_steps=3", "trainer.val_check_interval=3"])
+    built = build(cfg, tmp_path, "lstm", extra_callbacks=[ends, lam])
+    assert ends.on_before_backward is None and ends.on_train_batch_start is None
+    assert lam.on_train_batch_end is None and callable(lam.on_after_backward)
+    assert ends.on_validation_end is not None, "only the per-batch hooks are touched"
+    built.trainer.fit(built.module, datamodule=built.dm)
+    assert ends.ends == 3
+    assert backwards == [0, 1, 2]
+
+
+def test_the_bar_shows_the_training_loss_as_loss(stream_dm):
+    from charlm.budget import BudgetBar
+
+    module = tiny_module(stream_dm)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=2,
+                        callbacks=[BudgetBar(refresh_rate=1)])
+    trainer.fit(module, datamodule=stream_dm)
+    shown = trainer.progress_bar_callback.get_metrics(trainer, module)
+    assert "train/loss" not in shown and "train/loss" in trainer.logged_metrics
+    assert shown["loss"] == pytest.approx(float(trainer.logged_metrics["train/loss"]), abs=1e-3)
+
+
 def test_lightnings_hook_name_attribute_stays_a_plain_attribute(stream_dm):
     module = tiny_module(stream_dm)
     module._current_fx_name = "training_step"
