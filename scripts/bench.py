@@ -94,12 +94,12 @@ def bench_sampling(model_cfg: dict, n_chars: int, recompute_chars: int) -> dict:
 
 def bench_scans(B: int, T: int, repeats: int) -> list[dict]:
     """scripts/bench_scan.py's scans and modern blocks (conf/model sizes): parallel vs a Python loop over time."""
-    from bench_scan import blocks, scans, timed
+    from bench_scan import blocks, scans, timed_pair
 
     dev = "cuda" if CUDA else "cpu"
     rows = []
     for name, shape, parallel, loop, inputs in scans(B, T, dev) + blocks(B, T, dev):
-        p, q = timed(parallel, inputs, repeats), timed(loop, inputs, repeats)
+        p, q = timed_pair(parallel, loop, inputs, repeats)
         rows.append({"what": name, "shape": shape, "parallel_ms": p, "loop_ms": q, "speedup": q / p})
         print(f"bench: {name} {shape}: charlm {p:.1f} ms, loop {q:.1f} ms ({q / p:.1f}x)", flush=True)
     return rows
@@ -184,7 +184,8 @@ def main() -> None:
     p.add_argument("--scan-shape", help="BxT for the scan timings (default: the preset's batch x block)")
     p.add_argument("--explain-chars", default="2000,20000", help="time charlm.explain (two 1x384 LSTMs) on these "
                    "many val characters, start-up included ('' skips it)")
-    p.add_argument("--scan-repeats", type=int, default=3, help="median of N scan timings (0: skip them)")
+    p.add_argument("--scan-repeats", type=int, default=7,
+                   help="median of N scan timings, charlm and the loop taking turns (0: skip them)")
     p.add_argument("--encode-mb", type=float, default=100, help="corpus size for the encode timing (0: skip)")
     p.add_argument("--out", default=str(ROOT / "bench"))
     a = p.parse_args()

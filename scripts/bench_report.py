@@ -103,7 +103,7 @@ def table(res: dict) -> str:
                      f"| {nocache(s, 'single')} | {nocache(s, 'batch64')} |")
     if res.get("scans"):
         lines += ["", f"charlm's scans (compiled C loops on a CPU, `charlm/models/kernels.c`) vs a Python loop "
-                  f"over time (forward + backward, median of {res['scan_repeats']};"
+                  f"over time (forward + backward, median of {res['scan_repeats']}, the two taking turns;"
                   " blocks at conf/model sizes):", "", "| what | shape | charlm ms | loop ms | speed-up |",
                   "|---" * 5 + "|"]
         lines += [f"| {s['what']} | {s['shape']} | {s['parallel_ms']:.2f} | {s['loop_ms']:.2f} | {s['speedup']:.1f}x |"

@@ -3,7 +3,7 @@
 The scans charlm runs (on a CPU the compiled loops of charlm/models/kernels.c, elsewhere the parallel
 forms of charlm/models/scan.py), and one block of each modern recurrent model at its
 conf/model YAML size, timed on the CPU against a Python loop over time: forward + backward per call
-(median of --repeats). "loop" is the plain recurrence for a scan, and for a block the block fed one
+(median of --repeats, the scan and its loop taking turns). "loop" is the plain recurrence for a scan, and for a block the block fed one
 character at a time with its state carried (the sampling path), autograd through all the steps.
 """
 
@@ -43,6 +43,16 @@ def timed(fn, inputs: list[torch.Tensor], repeats: int) -> float:
         if i:
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def timed_pair(parallel, loop, inputs: list[torch.Tensor], repeats: int) -> tuple[float, float]:
+    """(parallel ms, loop ms): `timed`'s medians with the two taking turns, one call each per turn, so a
+    change in the machine's speed during the measurement falls on both sides alike."""
+    p, q = [], []
+    for _ in range(repeats):
+        p.append(timed(parallel, inputs, 1))
+        q.append(timed(loop, inputs, 1))
+    return statistics.median(p), statistics.median(q)
 
 
 def scans(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, object, list[torch.Tensor]]]:
@@ -115,10 +125,10 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.threads or cores
     torch.set_num_threads(threads)
-    print(f"CPU, {threads} threads, torch {torch.__version__}; forward+backward, median of {args.repeats} (ms)")
+    print(f"CPU, {threads} threads, torch {torch.__version__}; forward+backward, median of {args.repeats}, the two taking turns (ms)")
     print(f"{'what':28} {'shape':>14} {'charlm':>10} {'loop':>10} {'speed-up':>9}")
     for name, shape, parallel, loop, inputs in scans(args.batch, args.seq) + blocks(args.batch, args.seq):
-        p, q = timed(parallel, inputs, args.repeats), timed(loop, inputs, args.repeats)
+        p, q = timed_pair(parallel, loop, inputs, args.repeats)
         print(f"{name:28} {shape:>14} {p:10.1f} {q:10.1f} {q / p:8.1f}x", flush=True)
 
 
