@@ -3,8 +3,9 @@
 The scans charlm runs (on a CPU the compiled loops of charlm/models/kernels.c, elsewhere the parallel
 forms of charlm/models/scan.py), and one block of each modern recurrent model at its
 conf/model YAML size, timed on the CPU against a Python loop over time: forward + backward per call
-(median of --repeats, the scan and its loop taking turns). "loop" is the plain recurrence for a scan, and for a block the block fed one
-character at a time with its state carried (the sampling path), autograd through all the steps.
+(median of --repeats, the scan and its loop taking turns). "loop" is the plain recurrence for a scan,
+and for a block the block fed one character at a time with its state carried (the sampling path),
+autograd through all the steps.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.threads or cores
     torch.set_num_threads(threads)
-    print(f"CPU, {threads} threads, torch {torch.__version__}; forward+backward, median of {args.repeats}, the two taking turns (ms)")
+    print(f"CPU, {threads} threads, torch {torch.__version__}; forward+backward, median of {args.repeats}, "
+          "the two taking turns (ms)")
     print(f"{'what':28} {'shape':>14} {'charlm':>10} {'loop':>10} {'speed-up':>9}")
     for name, shape, parallel, loop, inputs in scans(args.batch, args.seq) + blocks(args.batch, args.seq):
         p, q = timed_pair(parallel, loop, inputs, args.repeats)
