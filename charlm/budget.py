@@ -177,11 +177,10 @@ class BudgetBar(TQDMProgressBar):
         return self._clock_for[1]
 
     def get_metrics(self, trainer, pl_module) -> dict:
-        """Lightning's bar metrics, the training loss shown as `loss`."""
+        """Lightning's bar metrics, led by the training loss at the last logging step (CharLM.train_loss)."""
         metrics = super().get_metrics(trainer, pl_module)
-        if "train/loss" in metrics:
-            metrics = {"loss": metrics.pop("train/loss"), **metrics}
-        return metrics
+        loss = getattr(pl_module, "train_loss", None)
+        return metrics if loss is None else {"loss": loss, **metrics}
 
     def _position(self, trainer) -> tuple[float | None, float]:
         """(total, done) of the budget, in seconds or steps."""
