@@ -29,6 +29,8 @@ from charlm.yardstick import IGNORE
 
 
 def _detach(state):
+    if isinstance(state, torch.Tensor):  # most carried states are one tensor: no pytree walk (~3 us less)
+        return state.detach()
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, state)
 
 

@@ -31,11 +31,14 @@ def stream_dm(tmp_path):
     return dm
 
 
-def test_stream_state_is_carried_and_detached(stream_dm):
-    module = tiny_module(stream_dm, carry_state=True)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])  # an (h, c) tuple, one tensor
+def test_stream_state_is_carried_and_detached(stream_dm, cell):
+    module = CharLM(model={**TINY_LSTM, "cell": cell}, vocab=stream_dm.vocab.to_dict(), sample={"n_chars": 0},
+                    carry_state=True)
     fit(module, stream_dm, steps=1)
     state = module._state
     assert state is not None, "stream mode must keep the state of batch 1"
+    assert type(state) is (tuple if cell == "lstm" else torch.Tensor)
     assert not any(t.requires_grad for t in tree_leaves(state)), "carried state must be detached"
     it = iter(stream_dm.train_dataset())
     x1, _, reset1 = next(it)
