@@ -109,9 +109,9 @@ class CharLM(L.LightningModule):
             self._state = _detach(state)  # truncated BPTT: gradient stops at the chunk boundary
 
         if log_now:
-            self._train_log["train/loss"] = loss
+            self._train_log["train/loss"] = loss.detach()  # float() of a graph's tensor warns
             for name, v in aux.items():
-                self._train_log[f"train/{name}"] = v
+                self._train_log[f"train/{name}"] = v.detach()
             self._write_train_log(step)
         return loss
 

@@ -1,5 +1,7 @@
 """CharLM training mechanics: truncated BPTT streams, compile-safe checkpoints, precision per model."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -184,14 +186,18 @@ class Captured(Logger):
 
 def test_training_metrics_reach_the_loggers_at_the_logging_steps(stream_dm):
     """Every log_every_n_steps-th step (0-based index k with (k + 1) % n == 0, Lightning's count), the
-    loss, the gradient statistics and the epoch, as floats; the progress bar leads with that loss."""
+    loss, the gradient statistics and the epoch, as floats; the progress bar leads with that loss. Turning
+    the loss into a float warns nothing (torch warns when a tensor still in the graph is)."""
     from charlm.budget import BudgetBar
 
     module, captured = tiny_module(stream_dm), Captured()
     trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=captured, enable_checkpointing=False,
                         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=3,
                         callbacks=[BudgetBar(refresh_rate=1)])
-    trainer.fit(module, datamodule=stream_dm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=stream_dm)
+    assert not [w for w in caught if "requires_grad" in str(w.message)]
     train = [(step, m) for step, m in captured.rows if "train/loss" in m]
     assert [step for step, _ in train] == [2, 5]
     for _, m in train:
