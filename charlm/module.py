@@ -109,9 +109,9 @@ class CharLM(L.LightningModule):
             self._state = _detach(state)  # truncated BPTT: gradient stops at the chunk boundary
 
         if log_now:
-            self._train_log["train/loss"] = loss.detach()  # float() of a graph's tensor warns
+            self._train_log["train/loss"] = loss
             for name, v in aux.items():
-                self._train_log[f"train/{name}"] = v.detach()
+                self._train_log[f"train/{name}"] = v
             self._write_train_log(step)
         return loss
 
@@ -130,7 +130,8 @@ class CharLM(L.LightningModule):
 
         Through `self.log` they would stay in Lightning's result collection, which it walks at every
         step, logged or not: ~55 us a step inside a small model's run on a CPU, for four metrics."""
-        metrics = {name: float(v) for name, v in self._train_log.items()}
+        # detached first: float() of a tensor still in the graph (the loss) warns
+        metrics = {name: float(v.detach() if isinstance(v, torch.Tensor) else v) for name, v in self._train_log.items()}
         self._train_log.clear()
         self.train_loss = metrics["train/loss"]
         for logger in self.loggers:
