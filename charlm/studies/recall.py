@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from charlm.data import CharDataModule
+from charlm.data import CharDataModule, unit_mismatch
 from charlm.errors import CorpusError
 from charlm.split import split_bounds
 from charlm.vocab import CharVocab
@@ -53,8 +53,9 @@ STORES = SYMBOLS.lower()                  # store token of each symbol: "remembe
 FILLERS, CUE = ".-,:;+=*~^", "?"
 
 
-def recall_vocab(n_symbols: int, n_fillers: int) -> CharVocab:
-    return CharVocab(SYMBOLS[:n_symbols] + STORES[:n_symbols] + FILLERS[:n_fillers] + CUE)
+def recall_vocab(n_symbols: int, n_fillers: int, unit: str = "char") -> CharVocab:
+    """The task's symbols (ASCII: the same ids read as characters or as bytes)."""
+    return CharVocab(SYMBOLS[:n_symbols] + STORES[:n_symbols] + FILLERS[:n_fillers] + CUE, unit)
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,12 @@ class RecallDataModule(CharDataModule):
         batch_size: int = 32,
         val_fraction: float = 0.5,
         sampling: str = "random",
+        unit: str = "char",
         seed: int = 1337,
         vocab: CharVocab | None = None,
     ):
         super().__init__(name=name, block_size=block_size, batch_size=batch_size,
-                         val_fraction=val_fraction, sampling=sampling, seed=seed, vocab=vocab)
+                         val_fraction=val_fraction, sampling=sampling, unit=unit, seed=seed, vocab=vocab)
         checks = {"n_symbols": 1 <= n_symbols <= len(SYMBOLS), "n_fillers": 1 <= n_fillers <= len(FILLERS),
                   "p_distract": 0 <= p_distract < 1, "max_gap": max_gap >= 0, "min_lag": 0 <= min_lag <= max_lag,
                   "lag_dist": lag_dist in ("log", "uniform"), "curriculum_steps": curriculum_steps >= 0,
@@ -258,9 +260,11 @@ class RecallDataModule(CharDataModule):
         so `splits["train"]` is only a sample of the training distribution (sizes, logs)."""
         if self.splits:
             return
-        own = recall_vocab(self.n_symbols, self.n_fillers)
+        own = recall_vocab(self.n_symbols, self.n_fillers, self.unit)
         if self.vocab is None:
             self.vocab = own
+        elif self.vocab.unit != own.unit:
+            raise unit_mismatch("recall", self.vocab, own.unit)
         elif any(c not in self.vocab.stoi for c in own.chars):
             missing = "".join(sorted(set(own.chars) - set(self.vocab.chars)))
             raise CorpusError(f"recall: the checkpoint's vocabulary lacks {missing!r}")
