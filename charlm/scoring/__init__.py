@@ -1,0 +1,1 @@
+"""Scoring beside the yardstick: figures that say how a model reads text, each with its protocol."""
