@@ -41,7 +41,7 @@ def tiny_recipes(tmp_path, blocks: dict[str, list[str]]) -> str:
 
 def test_three_paired_seeds_write_the_paired_columns_and_a_rerun_skips(tmp_path):
     out = tmp_path / "cmp"
-    # the transformer at lr 1e-7 cannot learn in 12 steps: the rnn leads on every seed by far more than 2 SE
+    # the transformer at lr 1e-7 cannot learn in 12 steps: the rnn leads on every seed, its 95% interval far from 0
     args = ["models=[rnn,transformer]", "seeds=[1,2,3]", "budget.tokens=1536", "budget.evals=2", "context=false",
             tiny_recipes(tmp_path, {"rnn": [], "transformer": ["optim.lr=1e-7"]}), *COMMON, f"hydra.run.dir={out}"]
     run_cli("charlm.compare", *args, env=ENV)  # 1536 tokens: 12 steps of 8 x 16
@@ -61,7 +61,7 @@ def test_three_paired_seeds_write_the_paired_columns_and_a_rerun_skips(tmp_path)
         assert json.loads((out / f"{m}-2" / "results.json").read_text())["budget"]["tokens"] == 1536
     md = (out / "leaderboard.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| transformer |"))
-    assert re.search(r"\| \+\d\.\d{4} ± \d\.\d{4} \* \| yes \|", line), line
+    assert re.search(r"\| \+\d\.\d{4} ± \d\.\d{4} \(\+\d\.\d{4} to \+\d\.\d{4}\) \* \| yes \|", line), line
     assert "| rnn |" in md and "| leader |" in md and "standard error" in md and "1,536 training tokens" in md
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -144,24 +144,32 @@ def test_paired_statistics_on_hand_made_results(tmp_path):
     write_outputs(tmp_path, cfg, ["a", "b", "c", "lead"], [1, 2, 3])
     rows = {r["model"]: r for r in csv.DictReader((tmp_path / "leaderboard.csv").open())}
     assert list(rows) == ["lead", "b", "a", "c"]  # by mean bpc: 1.5033, 1.5133, 1.61, 1.725
-    # by hand: a - lead = 0.10, 0.13, 0.09: mean 0.10667, sd 0.020817, SE 0.020817 / sqrt(3) = 0.012019
+    # by hand: a - lead = 0.10, 0.13, 0.09: mean 0.10667, sd 0.020817, SE 0.020817 / sqrt(3) = 0.012019;
+    # t = 8.875 on 2 df: p = 1 - t / sqrt(2 + t^2) = 0.012459; 95% interval 0.10667 -+ 4.3027 SE = 0.0550 to 0.1584
     a = rows["a"]
     assert math.isclose(float(a["vs_leader"]), 0.106667, rel_tol=1e-4)
     assert math.isclose(float(a["vs_leader_se"]), 0.012019, rel_tol=1e-4)
+    assert math.isclose(float(a["vs_leader_p"]), 0.012459, rel_tol=1e-3)
+    assert (round(float(a["vs_leader_low"]), 4), round(float(a["vs_leader_high"]), 4)) == (0.0550, 0.1584)
     assert (a["vs_leader_mark"], a["sign_agrees"], a["paired_seeds"]) == ("*", "yes", "3")
-    # b - lead = 0.01, -0.02, 0.04: mean 0.01, sd 0.03, SE 0.017321: signs differ, within 2 SE
+    # b - lead = 0.01, -0.02, 0.04: mean 0.01, sd 0.03, SE 0.017321, t = 0.577: signs differ, p = 0.62
     b = rows["b"]
     assert math.isclose(float(b["vs_leader"]), 0.01, rel_tol=1e-6) and math.isclose(float(b["vs_leader_se"]),
                                                                                     0.017321, rel_tol=1e-4)
     assert (b["vs_leader_mark"], b["sign_agrees"]) == ("", "no")
-    # c failed seed 3: paired over seeds 1 and 2 only: 0.20, 0.23: mean 0.215, sd 0.021213, SE 0.015
+    # c failed seed 3: paired over seeds 1 and 2 only: 0.20, 0.23: mean 0.215, sd 0.021213, SE 0.015; t = 14.33
+    # on 1 df: p = 1 - (2/pi) atan(14.33) = 0.04434, below 5% alone (its interval, +-12.706 SE, excludes 0), but
+    # Holm over the 3 rows: a 3 x 0.012459 = 0.0374 < 0.05, then c 2 x 0.04434 = 0.0887: c is not marked
     c = rows["c"]
     assert math.isclose(float(c["vs_leader"]), 0.215, rel_tol=1e-6) and math.isclose(float(c["vs_leader_se"]),
                                                                                      0.015, rel_tol=1e-4)
-    assert (c["paired_seeds"], c["seeds"], c["status"], c["vs_leader_mark"]) == ("2", "2/3", "failed", "*")
+    assert float(c["vs_leader_low"]) > 0 and math.isclose(float(c["vs_leader_p_holm"]), 0.08869, rel_tol=1e-3)
+    assert math.isclose(float(a["vs_leader_p_holm"]), 0.037376, rel_tol=1e-3)
+    assert (c["paired_seeds"], c["seeds"], c["status"], c["vs_leader_mark"]) == ("2", "2/3", "failed", "")
     assert float(a["effective_context"]) == 50.0 and float(a["context_seconds"]) == 3.0
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "| a |" in md and "+0.1067 ± 0.0120 * | yes | 50 |" in md and "+0.0100 ± 0.0173 | no |" in md
+    assert "| a |" in md and "+0.1067 ± 0.0120 (+0.0550 to +0.1584) * | yes | 50 |" in md
+    assert "+0.0100 ± 0.0173 (-0.0645 to +0.0845) | no |" in md and "Holm's correction across the 3 model(s)" in md
     assert "c: failed: diverged at step 3" in md and "start-up 2.0 s, exact evaluation 3.0 s" in md
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -175,7 +183,8 @@ def test_one_seed_has_no_paired_statistics(tmp_path):
     assert rows["lstm"]["sign_agrees"] == "n/a (1 seed)" and rows["lstm"]["vs_leader"] == ""
     assert "| n/a (1 seed) | n/a (1 seed) |" in (tmp_path / "leaderboard.md").read_text()
     assert paired_difference({1: 2.0}, {1: 1.0, 2: 1.1}) == {"n": 1, "mean": None, "se": None, "agree": None,
-                                                             "mark": False}
+                                                             "mark": False, "t": None, "p": None, "low": None,
+                                                             "high": None}
 
 
 def test_the_budget_goes_to_train_and_wandb_runs_share_a_group(tmp_path):
