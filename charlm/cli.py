@@ -60,7 +60,25 @@ def in_multirun() -> bool:
         return False
 
 
+def _unparsable_override_line(override: str) -> str:
+    """An override Hydra's grammar cannot read (a non-ASCII or special character in an unquoted value), and
+    the same override quoted, as a shell takes it."""
+    import re
+    import shlex
+
+    key, eq, value = override.partition("=")
+    if not eq or value[:1] in ("'", '"') or not re.fullmatch(r"[+~]{0,2}[A-Za-z0-9_./@-]+", key):
+        return f"cannot read the override {override!r} (Hydra's override grammar: KEY=VALUE, KEY in ASCII)"
+    why = "non-ASCII characters" if not value.isascii() else "characters Hydra's override grammar reserves"
+    # inside Hydra's double quotes, backslashes before a quote or at the end are doubled, the quote escaped
+    inner = re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" if m.group(2) else "") + m.group(2), value)
+    quoted = shlex.quote(key + '="' + inner + '"')
+    return f"{override}: a value with {why} must be quoted: {quoted}"
+
+
 def _compose_error_line(e: Exception) -> str:
+    if type(e).__name__ == "OverrideParseException" and getattr(e, "override", None):
+        return _unparsable_override_line(str(e.override))
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     skip = ("full_key", "object_type", "Config search path", "provider=")
     lines = [ln for ln in lines if not ln.startswith(skip)]

@@ -109,12 +109,16 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"out={cfg.out}: exists and is not a folder")
 
 
-def source_text(cfg: DictConfig) -> tuple[str, str]:
-    """(the stretch of text to explain, where it came from)."""
+def source_text(cfg: DictConfig, unit: str = "char") -> tuple[str, str]:
+    """(the stretch of text to explain, where it came from), in the models' symbols: `text=` is read as
+    charlm.sample reads a prompt, characters or (unit byte) its UTF-8 bytes, one chr(b) each."""
     if cfg.text is not None:
         text, where = str(cfg.text).replace("\\n", "\n"), "text"
+        if unit == "byte":
+            text = text.encode("utf-8").decode("latin-1")  # start, n_chars and the page count bytes
         if len(text) > MAX_CHARS:
-            raise ConfigError(f"text: {len(text):,} characters; a page holds at most {MAX_CHARS:,}")
+            raise ConfigError(f"text: {len(text):,} {'bytes' if unit == 'byte' else 'characters'}; a page holds "
+                              f"at most {MAX_CHARS:,}")
         text = text[cfg.start : cfg.start + cfg.n_chars]
     else:
         path, own_splits = cfg.data.get("path"), None
@@ -203,7 +207,11 @@ def explain(cfg: DictConfig) -> list[Trace]:
     models = {"A": load_model(cfg.ckpt_path)}
     if cfg.against:
         models["B"] = load_model(cfg.against)
-    text, where = source_text(cfg)
+    units = {key: m[1].unit for key, m in models.items()}
+    if len(set(units.values())) > 1:
+        raise ConfigError(f"against={cfg.against}: reads {units['B']}s, ckpt_path={cfg.ckpt_path} reads "
+                          f"{units['A']}s; explain compares models of one unit")
+    text, where = source_text(cfg, units["A"])
     text = known_text(text, where, {k: m[1] for k, m in models.items()}, cfg.unknown)
     e = cfg.eval
     traces = []
@@ -227,7 +235,8 @@ def _quote_free_text(argv: list[str]) -> list[str]:
 
 def _job(cfg: DictConfig) -> None:
     for t in explain(cfg):
-        print(f"{t.name}: {t.bpc:.4f} bits/char on {len(t.losses):,} chars ({t.protocol['text']})")
+        print(f"{t.name}: {t.bpc:.4f} {t.vocab.unit_label} on {len(t.losses):,} {t.vocab.unit}s "
+              f"({t.protocol['text']})")
     print(f"wrote {Path(cfg.out) / 'explain.html'} and {Path(cfg.out) / 'explain.png'}")
 
 

@@ -1,6 +1,10 @@
 """Text generation through the one model interface: read the prompt once, then step the model's state
 one character at a time (never recomputing the whole context). Needs torch and the model only.
 
+`generate` returns the continuations in the model's symbols; `samples` puts the prompt, as the model read
+it, in front, and `readable` turns a byte-level model's symbols into text. `charlm.sample`, the sample at
+the end of `charlm.train` and the samples logged during training all go this way.
+
 Seeded sampling is reproducible on one device; CPU and GPU give different text for the same seed.
 """
 
@@ -76,3 +80,25 @@ def generate(
         return [""] * num_samples
     rows = torch.stack(out, 1).cpu().tolist()  # (N, n_chars)
     return [vocab.decode(r) for r in rows]
+
+
+def prompt_symbols(vocab: CharVocab, prompt: str, unknown: str = "error") -> str:
+    """The prompt as the model reads it, in its symbols: its characters, or in byte unit its UTF-8 bytes
+    (one chr(b) each); with unknown=skip, without those outside the vocabulary."""
+    return vocab.decode(vocab.text_ids(prompt, unknown))
+
+
+def readable(vocab: CharVocab, symbols: str) -> str:
+    """Symbols as text for a person: a byte-level model's bytes decoded as UTF-8 (invalid sequences as
+    U+FFFD), characters as they are."""
+    return vocab.to_bytes(symbols).decode("utf-8", errors="replace") if vocab.unit == "byte" else symbols
+
+
+def samples(model, vocab: CharVocab, prompt: str, n_chars: int, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, num_samples: int = 1, generator: torch.Generator | None = None,
+            unknown: str = "error") -> list[str]:
+    """`num_samples` samples in the model's symbols, each the prompt as the model read it (unknown=skip: what is
+    left of it) followed by `n_chars` generated symbols. `readable` makes text of them; `vocab.to_bytes` bytes."""
+    texts = generate(model, vocab, prompt, n_chars, temperature, top_k, top_p, num_samples, generator, unknown)
+    head = prompt_symbols(vocab, prompt, "skip")  # generate accepted the prompt: all of it, or what skip kept
+    return [head + t for t in texts]

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 from charlm.budget import BudgetClock
 from charlm.checkpoint import read_checkpoint
 from charlm.errors import DivergenceError
-from charlm.generate import generate
+from charlm.generate import generate, readable
 from charlm.models.contract import build_model, capabilities
 from charlm.rng import rng_state, set_rng_state
 from charlm.vocab import CharVocab
@@ -242,8 +242,8 @@ class CharLM(L.LightningModule):
         if cfg["n_chars"] <= 0 or self.trainer.global_rank != 0:
             return
         g = torch.Generator(device="cpu").manual_seed(0)
-        text = generate(self.model, self.vocab, cfg["prompt"], cfg["n_chars"], cfg["temperature"], generator=g,
-                        unknown="skip")[0]
+        text = readable(self.vocab, generate(self.model, self.vocab, cfg["prompt"], cfg["n_chars"], cfg["temperature"],
+                                             generator=g, unknown="skip")[0])  # a byte model's bytes as UTF-8
         self.samples.append([self.trainer.global_step, text])
         for logger in self.loggers:
             if hasattr(logger, "log_text"):

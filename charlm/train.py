@@ -26,7 +26,7 @@ from charlm.cli import CONF_DIR, hydra_main, in_multirun
 from charlm.config import check_train
 from charlm.errors import ConfigError
 from charlm.explain import explain_run
-from charlm.generate import generate
+from charlm.generate import readable, samples
 from charlm.module import load_charlm
 from charlm.vocab import CharVocab, unit_label
 from charlm.yardstick import latch_warning, protocol, score_rows, stream_means, window_loss
@@ -109,10 +109,11 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
     tokens = steps_run * tokens_per_step(cfg.data.batch_size, cfg.data.block_size, trainer.world_size,
                                          trainer.accumulate_grad_batches)
     budget_clock = built.callback(BudgetClock)
-    prompt = "".join(c for c in str(cfg.sample.prompt).replace("\\n", "\n") if c in ev["model"].vocab.stoi)
-    g = torch.Generator().manual_seed(cfg.seed)
-    sample = prompt + generate(ev["model"].model.cpu(), ev["model"].vocab, prompt, 300, cfg.sample.temperature,
-                               generator=g)[0]
+    # as charlm.sample samples (a byte model reads the prompt's UTF-8 bytes), but what the vocabulary lacks is
+    # dropped: the budget is spent, so this must not fail; stored as text (bytes decoded as UTF-8)
+    vocab, g = ev["model"].vocab, torch.Generator().manual_seed(cfg.seed)
+    sample = readable(vocab, samples(ev["model"].model.cpu(), vocab, str(cfg.sample.prompt).replace("\\n", "\n"),
+                                     300, cfg.sample.temperature, generator=g, unknown="skip")[0])
     window = ev.get("window") or {}
     return {
         "model": built.model_name,
