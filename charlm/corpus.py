@@ -2,9 +2,10 @@
 characters (`unit=char`: UTF-8 text, universal newlines) or raw bytes (`unit=byte`: any file, nothing
 decoded or translated; the enwik8 protocol). `read_corpus(data_config)` is the entry point.
 
-Encoded once per content hash into `cache_dir()/HASH.ids.npy` (uint8, uint16 or int32 ids,
-memory-mapped after), verified against `HASH.meta.json` before it is trusted, written atomically.
-On a cache miss the files are read fresh, chunk by chunk (memory stays flat for large corpora).
+Encoded once per content hash into `cache_dir()/HASH.ids.npy` (uint8, uint16 or uint32 ids), verified
+against `HASH.meta.json` before it is trusted, written atomically. On a cache miss the files are read
+fresh in one streaming pass that builds the vocabulary and writes the ids as it goes; training and
+evaluation then read the ids through a memory map, so memory stays flat whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 
 from charlm.atomic import atomic_path, write_json
-from charlm.errors import CorpusError, UnknownCharError
-from charlm.vocab import CharVocab
+from charlm.errors import CorpusError
+from charlm.vocab import CharVocab, codepoints, id_dtype
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".html", ".py")
 
@@ -74,13 +75,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CHARLM_CACHE") or Path.home() / ".cache" / "charlm")
 
 
-def _torch_ids(ids: np.ndarray) -> torch.Tensor:
-    """A tensor over the same memory (no copy of a memory map); uint16 widens to int32 for torch."""
-    if ids.dtype == np.uint16:
-        ids = ids.astype(np.int32)
+def id_view(ids: np.ndarray) -> torch.Tensor:
+    """The ids as a tensor over the same memory (a memory map stays a map; nothing is copied): uint8 as it is,
+    uint16 and uint32 read as int16 and int32, the same bits (ids stay below 2**15 and 2**31, `id_dtype`), so
+    torch can compute with them."""
+    signed = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}.get(ids.dtype)
+    if signed is not None:
+        ids = ids.view(signed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only memory maps are fine: ids are never written
         return torch.from_numpy(ids)
+
+
+_torch_ids = id_view  # the older name
 
 
 def corpus_key(files: list[str], errors: str) -> str:
@@ -97,10 +104,11 @@ def corpus_key(files: list[str], errors: str) -> str:
 CACHE_FORMAT = 2  # bump when the cache layout changes: older entries are rebuilt
 
 
-def _read_fresh(files: list[str], errors: str, h, chunk_bytes: int = 1 << 23):
+def _read_fresh(files: list[str], errors: str, h, bar=None, chunk_bytes: int = 1 << 22):
     """The corpus text in chunks, read from the files themselves (never through the `datasets` cache, which
     knows local files by path and mtime only), decoded as `datasets`' "text" loader decodes them (UTF-8,
-    universal newlines). Every byte read also goes into the hash `h`, as `corpus_key` hashes it."""
+    universal newlines). Every byte read also goes into the hash `h`, as `corpus_key` hashes it, and counts on
+    the progress bar `bar`."""
     h.update(errors.encode())
     for f in files:
         dec = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(errors), translate=True)
@@ -109,6 +117,8 @@ def _read_fresh(files: list[str], errors: str, h, chunk_bytes: int = 1 << 23):
             while True:
                 data = fh.read(chunk_bytes)
                 h.update(data)
+                if bar is not None:
+                    bar.update(len(data))
                 pending = len(dec.getstate()[0])  # bytes of a character cut at the previous chunk's end
                 try:
                     text = dec.decode(data, final=not data)
@@ -160,112 +170,161 @@ def _cache_folder() -> Path:
     return folder
 
 
-def _read_bytes(files: list[str], h, chunk_bytes: int = 1 << 24):
+def _read_bytes(files: list[str], h, bar=None, chunk_bytes: int = 1 << 22):
     """The files' bytes in chunks, each also fed to the hash `h` as `corpus_key` feeds it."""
     h.update(b"unit=byte")
     for f in files:
         with open(f, "rb") as fh:
             for data in iter(lambda: fh.read(chunk_bytes), b""):
                 h.update(data)
+                if bar is not None:
+                    bar.update(len(data))
                 yield data
         h.update(b"\0end-of-file\0")
 
 
-def _write_cache(ids_path: Path, vocab_path: Path, meta_path: Path, key: str, vocab: CharVocab, n: int, chunks,
-                 h, changed: CorpusError, meta: dict) -> tuple[CharVocab, torch.Tensor]:
-    """The second pass of an encoder: `chunks` of ids (reading them feeds the hash `h`) written into a memory-
-    mapped `.npy` of n ids, checked against the first pass (length, content hash `key`), then the vocabulary
-    and the meta file (last); each file atomically. The ids come back memory-mapped."""
-    pos = 0
-    with atomic_path(ids_path, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.id_dtype, shape=(n,))
-        for ids in chunks:
-            if pos + len(ids) > n:
-                raise changed
-            out[pos : pos + len(ids)] = ids
-            pos += len(ids)
-        out.flush()
-        del out
-        if pos != n or h.hexdigest()[:32] != key:
-            raise changed
-    write_json(vocab_path, vocab.to_dict())
-    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": n, "dtype": vocab.id_dtype.name,
-                           "vocab_size": len(vocab), **meta})
-    return vocab, _torch_ids(np.load(ids_path, mmap_mode="r"))
+HEADER = 128  # bytes of the .npy header of a 1-D array: numpy pads it to 128, room for any length
+CHUNK_IDS = 1 << 22  # ids read, relabelled or widened at a time
 
 
-def encode_bytes(path: str | None) -> tuple[CharVocab, torch.Tensor]:
-    """The corpus as raw bytes: vocabulary = the byte values present (<= 256), uint8 ids, cached by content
-    hash as characters are and memory-mapped after. Two passes of chunks (count, then map and write), so
-    memory holds one chunk, not the corpus."""
-    files = resolve_files(path or embedded_corpus())
-    key = corpus_key(files, "unit=byte")
+def _write_header(fh, dtype: np.dtype, n: int) -> None:
+    """The `.npy` header of n ids of `dtype`, at the start of `fh` (HEADER bytes, whatever n)."""
+    fh.seek(0)
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+    if fh.tell() != HEADER:
+        raise RuntimeError(f".npy header of {fh.tell()} bytes, not {HEADER}")
+
+
+def _map_ids(src, dst, dtype: np.dtype, fn) -> None:
+    """The ids of `src` (of `dtype`, after the header) through `fn`, written to `dst` after its header, a
+    chunk at a time; `dst` may be `src` when `fn` keeps the width (relabelling in place)."""
+    pos_in = pos_out = HEADER
+    while True:
+        src.seek(pos_in)
+        data = src.read(CHUNK_IDS * dtype.itemsize)
+        if not data:
+            return
+        out = fn(np.frombuffer(data, dtype=dtype))
+        dst.seek(pos_out)
+        dst.write(out)
+        pos_in, pos_out = pos_in + len(data), pos_out + out.nbytes
+
+
+class IdWriter:
+    """The ids of a corpus written into a `.npy` file while the corpus streams by, in one pass, with plain
+    writes (the page cache holds them, not this process). A symbol (a code point, or a byte value) gets a
+    provisional id when first seen; the file widens (`id_dtype`) when the symbols outgrow its dtype; `finish`
+    relabels every id to its symbol's rank in the sorted vocabulary, in place, and writes the header."""
+
+    def __init__(self, path: Path, n_points: int):
+        self.path, self.n, self.dtype = path, 0, id_dtype(0)
+        self.table = np.full(n_points, -1, dtype=np.int32)  # symbol -> provisional id (-1: not seen yet)
+        self.symbols: list[int] = []                        # provisional id -> symbol
+        self.fh = open(path, "w+b")
+        _write_header(self.fh, self.dtype, 0)
+
+    def append(self, points: np.ndarray) -> None:
+        """The ids of `points` (code points, or byte values), after those written so far."""
+        if not len(points):
+            return
+        ids = self.table[points]
+        if ids.min() < 0:
+            new = np.unique(points[ids < 0])
+            self.table[new] = np.arange(len(self.symbols), len(self.symbols) + len(new))
+            self.symbols += new.tolist()
+            ids = self.table[points]
+            if id_dtype(len(self.symbols)) != self.dtype:
+                self._widen(id_dtype(len(self.symbols)))
+        self.fh.seek(0, os.SEEK_END)
+        self.fh.write(ids.astype(self.dtype))
+        self.n += len(points)
+
+    def _widen(self, dtype: np.dtype) -> None:
+        """The ids so far rewritten in `dtype` (at most twice a corpus: past 256 and 32,768 symbols)."""
+        wide = self.path.with_name(self.path.name + ".wide")
+        try:
+            with open(wide, "w+b") as dst:
+                _write_header(dst, dtype, 0)
+                _map_ids(self.fh, dst, self.dtype, lambda ids: ids.astype(dtype))
+            os.replace(wide, self.path)
+        finally:
+            if wide.exists():
+                wide.unlink()
+        self.fh.close()
+        self.fh, self.dtype = open(self.path, "r+b"), dtype
+
+    def finish(self) -> list[int]:
+        """Relabel the ids to the sorted symbols' order and write the header; the sorted symbols."""
+        symbols = np.array(self.symbols, dtype=np.int64)
+        rank = np.empty(len(symbols), dtype=self.dtype)
+        rank[np.argsort(symbols)] = np.arange(len(symbols))
+        if (rank != np.arange(len(symbols))).any():
+            _map_ids(self.fh, self.fh, self.dtype, lambda ids: rank[ids])
+        _write_header(self.fh, self.dtype, self.n)
+        self.close()
+        return sorted(self.symbols)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _progress(files: list[str], where: str):
+    """A bar counting the bytes encoded, for corpora of 64 MB and more (smaller ones take a second)."""
+    from tqdm import tqdm
+
+    total = sum(os.path.getsize(f) for f in files)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"encoding {where}", disable=total < 1 << 26,
+                leave=False, mininterval=1.0)
+
+
+def _encode(files: list[str], key: str, unit: str, chunks, where: str) -> tuple[CharVocab, torch.Tensor]:
+    """The vocabulary and memory-mapped ids of the cache entry `key`, encoded on a miss in one streaming pass:
+    `chunks(h, bar)` yields the corpus's symbols (code points, or byte values) a chunk at a time, feeding the
+    hash `h`, checked against `key` at the end (the files must not change meanwhile). The ids file is written
+    atomically, then the vocabulary and the meta file (last)."""
     folder = _cache_folder()
     ids_path, vocab_path, meta_path = (folder / f"{key}.{x}" for x in ("ids.npy", "vocab.json", "meta.json"))
     cached = _cached_ids(ids_path, vocab_path, meta_path, key)
-    if cached is not None and cached[0].unit == "byte":
-        return cached[0], _torch_ids(cached[1])
-    where = path or "corpus"
-    changed = CorpusError(f"{where}: changed while it was being read; run again")
-    h, counts = hashlib.sha256(), np.zeros(256, dtype=np.int64)
-    for data in _read_bytes(files, h):
-        counts += np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
-    n = int(counts.sum())
-    if h.hexdigest()[:32] != key:
-        raise changed
-    if n == 0:
-        raise CorpusError(f"{where}: empty")
-    present = np.flatnonzero(counts)
-    vocab = CharVocab([chr(b) for b in present], unit="byte")
-    table = np.zeros(256, dtype=np.uint8)  # byte value -> id
-    table[present] = np.arange(len(present))
+    if cached is not None and cached[0].unit == unit:
+        return cached[0], id_view(cached[1])
     h = hashlib.sha256()
-    ids = (table[np.frombuffer(data, dtype=np.uint8)] for data in _read_bytes(files, h))
-    return _write_cache(ids_path, vocab_path, meta_path, key, vocab, n, ids, h, changed, {"unit": "byte"})
+    with atomic_path(ids_path, suffix=".npy") as tmp:
+        writer = IdWriter(tmp, 256 if unit == "byte" else 0x110000)
+        try:
+            with _progress(files, where) as bar:
+                for points in chunks(h, bar):
+                    writer.append(points)
+            if h.hexdigest()[:32] != key:
+                raise CorpusError(f"{where}: changed while it was being read; run again")
+            if writer.n == 0:
+                raise CorpusError(f"{where}: empty")
+            symbols = writer.finish()
+        finally:
+            writer.close()
+    vocab = CharVocab([chr(p) for p in symbols], unit=unit)
+    write_json(vocab_path, vocab.to_dict())
+    write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": writer.n, "dtype": vocab.id_dtype.name,
+                           "vocab_size": len(vocab), **({"unit": "byte"} if unit == "byte" else {})})
+    return vocab, id_view(np.load(ids_path, mmap_mode="r"))
 
 
 def encode_corpus(path: str | None, errors: str = "strict", unit: str = "char") -> tuple[CharVocab, torch.Tensor]:
     """The corpus's own vocabulary and its ids, encoded once per content hash and memory-mapped after.
-    `unit=byte` reads raw bytes (`encode_bytes`); the rest of this describes characters.
 
-    On a cache miss the files are read fresh, twice, a chunk at a time (vocabulary and length, then ids
-    written into a memory-mapped `.npy`), so memory stays flat whatever the corpus size. The ids are stored
-    compactly (uint8, uint16 or int32 following the vocabulary size) in `cache_dir()/HASH.ids.npy`, with the
-    vocabulary and a meta file (length, dtype) beside them; every file is written atomically, the meta last.
-    A cache entry whose ids do not match its meta is rebuilt.
+    `unit=char` reads UTF-8 text (universal newlines; `errors=replace` for invalid bytes), `unit=byte` the raw
+    bytes. On a cache miss the files are read in one pass, a chunk at a time, the vocabulary growing as they
+    go and the ids written as they come (`IdWriter`), so memory stays flat whatever the corpus size. The ids
+    are stored compactly (`id_dtype`: uint8, uint16 or uint32) in `cache_dir()/HASH.ids.npy`, the vocabulary
+    and a meta file (length, dtype) beside them. A cache entry whose ids do not match its meta is rebuilt.
     """
-    if unit == "byte":
-        return encode_bytes(path)
-    if unit != "char":
+    if unit not in ("char", "byte"):
         raise CorpusError(f"data.unit={unit}: must be char or byte")
     files = resolve_files(path or embedded_corpus())
+    where = path or "corpus"
+    if unit == "byte":
+        return _encode(files, corpus_key(files, "unit=byte"), unit,
+                       lambda h, bar: (np.frombuffer(d, dtype=np.uint8) for d in _read_bytes(files, h, bar)), where)
     _check_readable(files, errors)
-    key = corpus_key(files, errors)
-    folder = _cache_folder()
-    ids_path, vocab_path = folder / f"{key}.ids.npy", folder / f"{key}.vocab.json"
-    meta_path = folder / f"{key}.meta.json"
-    cached = _cached_ids(ids_path, vocab_path, meta_path, key)
-    if cached is not None and cached[0].unit == "char":
-        return cached[0], _torch_ids(cached[1])
-    changed = CorpusError(f"{path or 'corpus'}: changed while it was being read; run again")
-    h = hashlib.sha256()
-    points, n = set(), 0
-    for chunk in _read_fresh(files, errors, h):
-        cp = np.frombuffer(chunk.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
-        points.update(np.unique(cp).tolist())
-        n += len(cp)
-    if h.hexdigest()[:32] != key:
-        raise changed
-    if n == 0:
-        raise CorpusError(f"{path or 'corpus'}: empty")
-    vocab = CharVocab([chr(p) for p in sorted(points)])
-    h = hashlib.sha256()
-
-    def ids():
-        for chunk in _read_fresh(files, errors, h):
-            try:
-                yield vocab.encode_array(chunk)
-            except UnknownCharError:
-                raise changed from None
-
-    return _write_cache(ids_path, vocab_path, meta_path, key, vocab, n, ids(), h, changed, {})
+    return _encode(files, corpus_key(files, errors), unit,
+                   lambda h, bar: (codepoints(text) for text in _read_fresh(files, errors, h, bar)), where)

@@ -7,12 +7,14 @@ batches the uninterrupted run would have drawn: the data position is the step co
 
 from __future__ import annotations
 
+import tempfile
+
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from charlm.corpus import _torch_ids, encode_corpus
+from charlm.corpus import CHUNK_IDS, _cache_folder, encode_corpus, id_view
 from charlm.errors import CorpusError
 from charlm.split import SPLITS, split_slice
 from charlm.vocab import UNITS, CharVocab
@@ -31,6 +33,23 @@ def size_note(name: str, n: int, unit: str, published: int | None) -> str | None
         return None
     return (f"note: this {name} file has {n:,} {unit}s, not the protocol's {published:,}: its figures will not "
             "compare with the published tables")
+
+
+def relabel(ids: torch.Tensor, table: np.ndarray, dtype: np.dtype) -> tuple[torch.Tensor, int]:
+    """`ids` through `table` (corpus id -> another vocabulary's id; -1 drops the symbol: unknown=skip), in one
+    pass a chunk at a time into an unnamed file in the cache folder, memory-mapped after: never a copy of the
+    corpus in memory. Returns the new ids (stored as `dtype`) and how many were dropped."""
+    src, dropped = ids.numpy(), 0
+    with tempfile.TemporaryFile(prefix="charlm-ids-", dir=_cache_folder()) as fh:
+        for a in range(0, len(src), CHUNK_IDS):
+            out = table[src[a : a + CHUNK_IDS]]
+            if not (keep := out >= 0).all():
+                dropped += int((~keep).sum())
+                out = out[keep]
+            fh.write(out.astype(dtype))
+        fh.flush()
+        n = len(src) - dropped
+        return id_view(np.memmap(fh, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)), dropped
 
 
 class RandomWindows(IterableDataset):
@@ -144,8 +163,8 @@ class CharDataModule(L.LightningDataModule):
             if missing:
                 raise CorpusError(f"{self.path or self.name}: characters not in the vocabulary: "
                                   f"{''.join(missing)[:40]!r} (the checkpoint's vocabulary)")
-            mapping = np.array([self.vocab.stoi[c] for c in corpus_vocab.chars], dtype=self.vocab.id_dtype)
-            ids = _torch_ids(mapping[np.asarray(ids)])  # one compact copy (uint8 for <= 256 symbols)
+            table = np.array([self.vocab.stoi[c] for c in corpus_vocab.chars])
+            ids, _ = relabel(ids, table, self.vocab.id_dtype)  # a second memory-mapped file, not a copy in memory
         n = len(ids)
         if note := size_note(self.name, n, self.unit, self.published_size):
             print(note)

@@ -24,7 +24,7 @@ from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
 from charlm.config import check_sections, check_target_group
-from charlm.data import _torch_ids, encode_corpus, size_note, unit_mismatch
+from charlm.data import encode_corpus, relabel, size_note, unit_mismatch
 from charlm.errors import ConfigError, CorpusError
 from charlm.hf import corpus_source
 from charlm.models.contract import capabilities
@@ -73,17 +73,12 @@ def corpus_ids(cfg: DictConfig, vocab: CharVocab) -> tuple[torch.Tensor, int]:
         ids = ids[own_splits[cfg.split]]
     if corpus_vocab == vocab:  # the model's own corpus: its ids are the model's, nothing to map or copy
         return ids, 0
-    known = np.array([c in vocab.stoi for c in corpus_vocab.chars])
-    table = np.array([vocab.stoi.get(c, 0) for c in corpus_vocab.chars], dtype=vocab.id_dtype)  # corpus id -> model id
-    missing = [c for c, k in zip(corpus_vocab.chars, known) if not k]
-    ids = np.asarray(ids)
+    table = np.array([vocab.stoi.get(c, -1) for c in corpus_vocab.chars])  # corpus id -> model id (-1: unknown)
+    missing = [c for c in corpus_vocab.chars if c not in vocab.stoi]  # known from the vocabularies, no pass over ids
     if missing and cfg.unknown == "error":
         raise CorpusError(f"{where}: characters not in the model's vocabulary: {''.join(missing)[:40]!r} "
                           "(unknown=skip drops and counts them)")
-    if not missing:
-        return _torch_ids(table[ids]), 0
-    keep = known[ids]
-    return _torch_ids(table[ids[keep]]), int((~keep).sum())
+    return relabel(ids, table, vocab.id_dtype)  # one pass over the ids, into a memory-mapped file
 
 
 def split_of(ids: torch.Tensor, split: str, val_fraction: float, test_fraction: float) -> torch.Tensor:

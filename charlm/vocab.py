@@ -19,7 +19,13 @@ def unit_label(unit: str) -> str:
     return "bits per byte" if unit == "byte" else "bits/char"
 
 
-def _codepoints(text: str) -> np.ndarray:
+def id_dtype(n_symbols: int) -> np.dtype:
+    """The compact dtype for the ids of `n_symbols` symbols: uint8 up to 256, uint16 up to 32,768, uint32 above.
+    uint16 stops at 2**15 so that its ids read the same as int16, a type torch computes with (charlm.corpus)."""
+    return np.dtype(np.uint8 if n_symbols <= 256 else np.uint16 if n_symbols <= 1 << 15 else np.uint32)
+
+
+def codepoints(text: str) -> np.ndarray:
     """All code points of `text` as a uint32 array, without a Python loop."""
     return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
 
@@ -42,7 +48,7 @@ class CharVocab:
     @classmethod
     def from_text(cls, text: str) -> CharVocab:
         """The vocabulary of every distinct character in `text`."""
-        return cls([chr(p) for p in np.unique(_codepoints(text))])
+        return cls([chr(p) for p in np.unique(codepoints(text))])
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -57,13 +63,12 @@ class CharVocab:
 
     @property
     def id_dtype(self) -> np.dtype:
-        """The smallest unsigned dtype that holds every id."""
-        n = len(self)
-        return np.dtype(np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.int32)
+        """The dtype its ids are stored in (`id_dtype`)."""
+        return id_dtype(len(self))
 
     def unknown_chars(self, text: str) -> list[str]:
         """Distinct characters of `text` outside the vocabulary, in sorted order."""
-        points = np.unique(_codepoints(text))
+        points = np.unique(codepoints(text))
         missing = points[~np.isin(points, self._points)]
         return [chr(p) for p in missing]
 
@@ -71,7 +76,7 @@ class CharVocab:
         """Map characters to ids as a compact array; characters outside the vocabulary follow `unknown`."""
         if unknown not in UNKNOWN_POLICIES:
             raise ValueError(f"unknown={unknown!r}: must be one of {UNKNOWN_POLICIES}")
-        points = _codepoints(text)
+        points = codepoints(text)
         pos = np.searchsorted(self._points, points)
         pos_clipped = np.minimum(pos, len(self._points) - 1)
         known = self._points[pos_clipped] == points

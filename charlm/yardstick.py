@@ -40,19 +40,18 @@ class EvalStreams(Dataset):
     """The split's n-1 targets cut into `streams` contiguous streams of ceil((n-1)/streams) targets,
     served chunk after chunk (`block_size` characters per chunk). The last stream is padded with
     IGNORE targets at its end, which no scored position can see. Item i: Batch(x, y, reset=i == 0).
-    `rank`/`world` take every world-th stream starting at rank (DDP: each rank its own share)."""
+    `rank`/`world` take every world-th stream starting at rank (DDP: each rank its own share).
+    Each chunk is read from `ids` when asked for (a memory map stays a map: nothing is copied whole)."""
 
     def __init__(self, ids: torch.Tensor, block_size: int, streams: int, rank: int = 0, world: int = 1):
         n_targets = len(ids) - 1
+        self.ids = ids
         self.streams = max(1, min(streams, n_targets))
         self.stream_len = -(-n_targets // self.streams)  # ceil
         self.block_size = block_size
         self.n = -(-self.stream_len // block_size)
-        rows = torch.arange(rank, self.streams, world)
-        pos = rows[:, None] * self.stream_len + torch.arange(self.stream_len + 1)  # (S, L+1) positions
-        valid = pos < len(ids)
-        self.windows = torch.where(valid, ids[pos.clamp(max=len(ids) - 1)].long(), 0)  # (S, L+1)
-        self.targets_valid = valid[:, 1:]  # (S, L): a target exists
+        self.rows = torch.arange(rank, max(rank, self.streams), world)  # none when rank >= streams
+        self.targets = int((n_targets - self.rows * self.stream_len).clamp(0, self.stream_len).sum())  # scored here
 
     def __len__(self) -> int:
         return self.n
@@ -61,30 +60,28 @@ class EvalStreams(Dataset):
         if not 0 <= i < self.n:
             raise IndexError(i)
         a, b = i * self.block_size, min((i + 1) * self.block_size, self.stream_len)
-        x = self.windows[:, a:b]                                              # (S, t)
-        y = self.windows[:, a + 1 : b + 1].masked_fill(~self.targets_valid[:, a:b], IGNORE)  # (S, t)
-        return Batch(x, y, i == 0)
+        pos = self.rows[:, None] * self.stream_len + torch.arange(a, b + 1)          # (S, t+1) positions
+        valid = pos < len(self.ids)
+        w = torch.where(valid, self.ids[pos.clamp(max=len(self.ids) - 1)].long(), 0)  # (S, t+1)
+        y = w[:, 1:].masked_fill(~valid[:, 1:], IGNORE)                             # (S, t)
+        return Batch(w[:, :-1], y, i == 0)
 
 
 class SlidingWindows(Dataset):
     """Windows of `window` characters starting every `stride` characters; window 0 scores all its
     targets, window k > 0 only its last `stride` (the rest were scored before). Padded at the end of
-    the split with IGNORE. `batch_size` windows per item; every item starts from an empty state."""
+    the split with IGNORE. `batch_size` windows per item; every item starts from an empty state.
+    `rank`/`world` take every world-th window starting at rank. Each item is read from `ids` when asked for."""
 
     def __init__(self, ids: torch.Tensor, window: int, stride: int, batch_size: int, rank: int = 0, world: int = 1):
         if not 0 < stride <= window:
             raise ValueError(f"eval.stride={stride}: must be in 1..{window} (the model's context)")
         n_targets = len(ids) - 1
         n_windows = 1 + max(0, -(-(n_targets - window) // stride))
-        starts = torch.arange(n_windows) * stride                                   # (W,)
-        pos = starts[:, None] + torch.arange(window + 1)                            # (W, T+1)
-        valid = pos < len(ids)
-        w = torch.where(valid, ids[pos.clamp(max=len(ids) - 1)].long(), 0)          # (W, T+1)
-        y = w[:, 1:].masked_fill(~valid[:, 1:], IGNORE)                             # (W, T)
-        y[1:, : window - stride] = IGNORE  # already scored by the previous window
-        self.x, self.y = w[:, :-1], y
-        self.order = torch.arange(rank, n_windows, world)
-        self.batch_size = batch_size
+        self.ids, self.window, self.stride, self.batch_size = ids, window, stride, batch_size
+        self.order = torch.arange(rank, max(rank, n_windows), world)  # this rank's windows
+        first = torch.where(self.order == 0, 0, self.order * stride + window - stride)  # each one's first target
+        self.targets = int((torch.clamp(self.order * stride + window, max=n_targets) - first).clamp(min=0).sum())
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -92,8 +89,23 @@ class SlidingWindows(Dataset):
     def __getitem__(self, i: int) -> Batch:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        return Batch(self.x[rows], self.y[rows], True)
+        k = self.order[i * self.batch_size : (i + 1) * self.batch_size]                 # (B,) windows
+        pos = k[:, None] * self.stride + torch.arange(self.window + 1)                  # (B, T+1)
+        valid = pos < len(self.ids)
+        w = torch.where(valid, self.ids[pos.clamp(max=len(self.ids) - 1)].long(), 0)   # (B, T+1)
+        y = w[:, 1:].masked_fill(~valid[:, 1:], IGNORE)                                 # (B, T)
+        y[k > 0, : self.window - self.stride] = IGNORE  # already scored by the previous window
+        return Batch(w[:, :-1], y, True)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Every window's inputs at once, (W, T): for looking at a small split."""
+        return torch.cat([self[i].x for i in range(len(self))])
+
+    @property
+    def y(self) -> torch.Tensor:
+        """Every window's targets at once, (W, T), IGNORE where not scored: for looking at a small split."""
+        return torch.cat([self[i].y for i in range(len(self))])
 
 
 def eval_dataset(ids: torch.Tensor, context_size: int | None, streams: int, chunk: int, stride: int | None,
