@@ -1,7 +1,9 @@
 """`python -m charlm.evaluate ckpt_path=PATH [data=text data.path=FILE] [split=val|test|all]`: score any
 checkpoint on any corpus with the yardstick (`charlm.yardstick`), and the nanoGPT-style window figure.
 
-Prints nats, bits per character, perplexity and the characters scored; `json=FILE` also writes them.
+Prints nats, bits per character, perplexity and the characters scored, and the cold-start loss
+(`charlm.scoring.cold_start`: the first 32 characters from an empty state at 64 seeded offsets);
+`json=FILE` also writes them.
 Characters outside the model's vocabulary are an error naming them, or with `unknown=skip` are
 dropped and counted. Needs torch and the model, not Lightning.
 
@@ -29,6 +31,7 @@ from charlm.errors import ConfigError, CorpusError
 from charlm.hf import corpus_source
 from charlm.models.contract import capabilities
 from charlm.schemas import EvalConfig
+from charlm.scoring.cold_start import cold_start_line, cold_start_loss
 from charlm.split import split_slice
 from charlm.studies.context import context_use, summary
 from charlm.vocab import CharVocab, unit_label
@@ -111,6 +114,9 @@ def evaluate(cfg: DictConfig) -> dict:
         w = window_loss(model, ids, min(e.window, context or e.window), e.window_batches, seed=cfg.seed,
                         device=device)
         out["window_loss"], out["window_bpc"], out["window"] = w["loss"], w["bpc"], w["window"]
+    cold = cold_start_loss(model, ids, device=device)  # the first 32 chars from an empty state, 64 seeded offsets
+    out.update(cold_start_loss=cold["loss"], cold_start_se=cold["se"], cold_start_protocol=cold["protocol"],
+               cold_start_losses=cold["losses"])  # per offset: two checkpoints' differences pair up
     if cfg.context:
         c = context_use(model, ids, n_positions=cfg.context_positions, device=device)
         out.update(context_use=c.pop("context_use"), full_context_loss=c.pop("full_context_loss"),
@@ -126,6 +132,8 @@ def _job(cfg: DictConfig) -> None:
                                                       if out["skipped_chars"] else ""))
     if "window_loss" in out:
         print(f"nanoGPT-style: {out['window_loss']:.4f} nats (random {out['window']}-char windows, empty state)")
+    if cold := cold_start_line(out["cold_start_loss"], out["cold_start_protocol"]):
+        print(cold)
     if warning := latch_warning(out["stream_losses"]):
         print(warning)
     if "context_use" in out:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from charlm.atomic import atomic_path, write_atomic
 from charlm.errors import ConfigError
 from charlm.scoring.significance import LEVEL, holm, t_p_value, t_quantile
+from charlm.studies.compare_context import context_cell
 
 COLUMNS = ["model", "params", "tokens_per_s", "best_val_bpc", "best_val_bpc_sd", "vs_leader", "vs_leader_se",
            "vs_leader_low", "vs_leader_high", "vs_leader_p", "vs_leader_p_holm", "vs_leader_mark", "sign_agrees",
@@ -105,7 +106,8 @@ def run_row(out: Path, m: str, seeds: list[int]) -> dict:
         "model": m, "params": first.get("params"), "tokens_per_s": _mean(r.get("tokens_per_s") for r in res),
         "best_val_bpc": _mean(bpc.values()), "bpc_by_seed": bpc, "partial_by_seed": partial,
         "best_val_bpc_sd": statistics.stdev(bpc.values()) if len(bpc) > 1 else None,
-        "effective_context": _mean(r["context"].get("effective_context") for r in ok.values()),
+        "effective_context": _mean(r["context"].get("effective_context") for r in ok.values()),  # seeds that reached it
+        "context_cell": context_cell([r["context"] for r in ok.values()]),
         "best_val_loss": _mean(r.get("best_val_loss") for r in res),
         "window_val_loss": _mean(r.get("window_val_loss") for r in res),
         "window": (first.get("window_protocol") or {}).get("window"),
@@ -234,7 +236,7 @@ def markdown(rows: list[dict], cfg: DictConfig, seeds: list[int]) -> str:
         window = f"{_fmt(r['window_val_loss'])} ({r['window']})" if r["window_val_loss"] is not None else ""
         agree = r["sign_agrees"] if r["sign_agrees"] in (ONE_SEED, "yes", "no") else ""
         cells = [r["model"], _fmt(r["params"]), _fmt(r["tokens_per_s"], 0), bpc or r["status"], vs_leader_cell(r),
-                 agree, _fmt(r["effective_context"], 0), _fmt(r["best_val_loss"]), window,
+                 agree, r["context_cell"], _fmt(r["best_val_loss"]), window,
                  _fmt(r["seconds_to_best"], 1), _fmt(r["tokens_to_best"], 0), _fmt(r["steps"], 0)] + \
                 ([r["seeds"]] if sd else []) + [r["protocol"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

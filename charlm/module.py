@@ -23,7 +23,7 @@ from charlm.checkpoint import read_checkpoint
 from charlm.errors import DivergenceError
 from charlm.generate import generate, readable
 from charlm.models.contract import build_model, capabilities
-from charlm.rng import rng_state, set_rng_state
+from charlm.rng import StepDraws, rng_state, set_rng_state
 from charlm.vocab import CharVocab
 from charlm.yardstick import IGNORE
 
@@ -52,6 +52,7 @@ class CharLM(L.LightningModule):
         carry_state: bool = False,
         sample: dict | None = None,
         divergence_factor: float | None = 10.0,
+        state_reset: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -89,7 +90,7 @@ class CharLM(L.LightningModule):
         x, y, reset = batch  # reset: a Python bool (no host sync)
         step = self.global_step
         self._logging = log_now = self._log_now()  # read again by the clipping hook
-        state = self._state if self.carry_state and not reset else None
+        state = self._state if self.carry_state and not reset and not self.cold_starts(step) else None
         logits, state = self.model(x, state)
         loss = self._loss(logits, y)
         total = loss
@@ -301,6 +302,8 @@ class CharLM(L.LightningModule):
         self._params = list(self.parameters())  # per-step work kept small: no rebuilding these each step
         self._grad_scaler = self._uses_grad_scaler()
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        # state_reset: this step's streams start from an empty state; drawn from (the run's seed, step)
+        self.cold_starts = StepDraws(self.hparams.state_reset, torch.initial_seed())
         if self.carry_state and self._state is not None:
             self._state = tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, self._state)
         if getattr(self, "_resume_rng", None) is not None:

@@ -33,3 +33,21 @@ def set_rng_state(state: dict) -> None:
 
 def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+class StepDraws:
+    """Draws that are true with probability `p`, a function of (seed, step) alone: a resumed run draws what the
+    uninterrupted run drew, and every DDP rank the same. Made `block` steps at a time: a step costs one lookup."""
+
+    def __init__(self, p: float, seed: int = 0, block: int = 1024):
+        self.p, self.seed, self.block = p, seed, block
+        self._at, self._draws = -1, []
+
+    def __call__(self, step: int) -> bool:
+        if not self.p:
+            return False
+        at, i = divmod(step, self.block)
+        if at != self._at:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + at) % 2**63)
+            self._at, self._draws = at, (torch.rand(self.block, generator=g, dtype=torch.float64) < self.p).tolist()
+        return self._draws[i]

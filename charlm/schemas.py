@@ -88,6 +88,7 @@ class TrainTop:
     gradflow_every: Optional[int] = None
     gates_every: Optional[int] = None
     divergence_factor: Optional[float] = 10.0
+    state_reset: float = 0.0
     compile: bool = False
 
 
@@ -171,6 +172,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "gradflow_every": (_pos, "> 0"),
     "gates_every": (_pos, "> 0"),
     "divergence_factor": (_pos, "> 0"),
+    "state_reset": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "clip.value": (_nonneg, ">= 0 (0 disables clipping)"),
     "clip.algorithm": (lambda v: v in ("norm", "value"), "one of norm, value"),
     "sample.n_chars": (_nonneg, ">= 0"),

@@ -28,6 +28,7 @@ from charlm.errors import ConfigError
 from charlm.explain import explain_run
 from charlm.generate import readable, samples
 from charlm.module import load_charlm
+from charlm.scoring.cold_start import cold_start_line, cold_start_loss
 from charlm.vocab import CharVocab, unit_label
 from charlm.yardstick import latch_warning, protocol, score_rows, stream_means, window_loss
 
@@ -86,6 +87,7 @@ def evaluate_best(built: Built, best_path: str, cfg: DictConfig) -> dict:
         window = min(cfg.eval.window, c["context_size"] or cfg.eval.window)
         out["window"] = window_loss(model, built.dm.eval_ids("val", whole=True), window, cfg.eval.window_batches,
                                     seed=cfg.seed, device=device)
+    out["cold_start"] = cold_start_loss(model, built.dm.eval_ids("val", whole=True), device=device)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -128,6 +130,9 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
         "window_val_loss": finite(window.get("loss")),
         "window_val_bpc": finite(window.get("bpc")),
         "window_protocol": {k: window[k] for k in ("window", "windows", "seed")} if window else None,
+        "cold_start_loss": finite(ev["cold_start"]["loss"]),
+        "cold_start_se": finite(ev["cold_start"]["se"]),
+        "cold_start_protocol": ev["cold_start"]["protocol"],
         "best_ckpt": str(Path(best_path).resolve()),
         "last_ckpt": str((ckpt_dir / "last.ckpt").resolve()),
         "steps": trainer.global_step,
@@ -161,6 +166,8 @@ def report(results: dict, run_dir: Path) -> None:
     if results["window_val_loss"] is not None:
         print(f"nanoGPT-style: {results['window_val_loss']:.4f} nats (random {results['window_protocol']['window']}"
               f"-char windows, empty state)")
+    if cold := cold_start_line(results.get("cold_start_loss"), results.get("cold_start_protocol")):
+        print(cold)
     if warning := latch_warning(results.get("stream_losses")):
         print(warning)
     tps = results["tokens_per_s"]

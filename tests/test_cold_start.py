@@ -62,3 +62,85 @@ def test_paired_difference():
 def test_too_short_a_split_has_no_figure():
     r = cold_start_loss(WarmsUp(8, cold=0), torch.arange(20) % 8)
     assert r["loss"] is None and cold_start_line(r["loss"], r["protocol"]) is None
+
+
+# ---- state_reset: training that also starts streams cold -----------------------------------------
+
+TINY_LSTM = {"_target_": "charlm.models.rnn.RNNLM", "cell": "lstm", "embed_dim": 8, "hidden_dim": 16}
+
+
+class StatesSeen(nn.Module):
+    """Wraps a model and records, per forward call in training mode, whether it got a carried state."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.warm = inner, []
+
+    def forward(self, idx, state=None):
+        if self.training:
+            self.warm.append(state is not None)
+        return self.inner(idx, state)
+
+
+def fit_streams(tmp_path, state_reset: float, steps: int, seed: int = 5):
+    import lightning as L
+
+    from charlm.data import CharDataModule
+    from charlm.module import CharLM
+
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    dm = CharDataModule(path=str(tmp_path / "c.txt"), block_size=8, batch_size=4, sampling="stream")
+    dm.setup()
+    L.seed_everything(seed, verbose=False)
+    module = CharLM(model=TINY_LSTM, vocab=dm.vocab.to_dict(), sample={"n_chars": 0}, carry_state=True,
+                    state_reset=state_reset)
+    module.model = StatesSeen(module.model)
+    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
+    return module
+
+
+def test_state_reset_starts_streams_cold_at_the_drawn_steps(tmp_path):
+    never = fit_streams(tmp_path, 0.0, 40).model.warm
+    assert never == [False] + [True] * 39  # cold only at the first chunk (the streams' start)
+    always = fit_streams(tmp_path, 1.0, 10).model.warm
+    assert always == [False] * 10
+    some = fit_streams(tmp_path, 0.25, 200).model.warm
+    assert some == fit_streams(tmp_path, 0.25, 200).model.warm  # drawn from (seed, step): the same again
+    assert some != fit_streams(tmp_path, 0.25, 200, seed=6).model.warm
+    cold = some[1:].count(False)
+    assert 25 <= cold <= 75  # 199 draws at p = 0.25: mean 50, sd 6.1
+
+
+def test_state_reset_draws_are_the_same_after_a_resume_boundary():
+    """The draws are a function of (seed, step): asking from any step on gives the same answers."""
+    from charlm.rng import StepDraws
+
+    uninterrupted, resumed = StepDraws(0.3, seed=42, block=64), StepDraws(0.3, seed=42, block=64)
+    whole = [uninterrupted(s) for s in range(256)]
+    assert [resumed(s) for s in range(100, 140)] == whole[100:140]  # across a block's end
+    assert 0.2 < sum(whole) / len(whole) < 0.4  # 256 draws at p = 0.3: sd 0.03
+    assert whole != [StepDraws(0.3, seed=43, block=64)(s) for s in range(256)]
+    assert not any(StepDraws(0.0, seed=42)(s) for s in range(100))
+
+
+def test_state_reset_outside_0_1_is_one_line(tmp_path):
+    from conftest import run_main
+
+    r = run_main("charlm.train", "state_reset=1.5", "logger=none", f"hydra.run.dir={tmp_path}/run", check=False)
+    assert r.returncode == 2
+    assert "state_reset=1.5: must be a probability in [0, 1]" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_writes_and_prints_its_cold_start_loss(tmp_path):
+    import json
+
+    from conftest import TINY, run_main
+
+    r = run_main("charlm.train", *TINY, "state_reset=0.2", f"hydra.run.dir={tmp_path}")
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert 0 < res["cold_start_loss"] < 10 and res["cold_start_se"] > 0
+    assert res["cold_start_protocol"] == {"positions": 64, "chars": 32, "seed": 0, "text": (
+        "first 32 chars from an empty state at 64 seeded offsets, seed 0")}
+    assert f"cold start: {res['cold_start_loss']:.4f} nats (first 32 chars" in r.stdout

@@ -1,5 +1,6 @@
 """The context a model uses (charlm.studies.context): hand-made models whose context is known exactly."""
 
+import json
 import math
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.studies.context import GRID, context_use, sample_positions
+from charlm.studies.context import (GRID, claim_line, context_use, effective_context, effective_text, markdown,
+                                    plateau_context, sample_positions, summary)
 
 GRID_SMALL = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32]
 
@@ -72,7 +74,7 @@ def test_current_char_only_is_flat_with_effective_context_1():
     for v in losses:
         assert v == pytest.approx(losses[0], rel=1e-6)
     assert r["full_context_loss"] == pytest.approx(losses[0], rel=1e-6)
-    assert r["effective_context"] == 1 and not r["above_grid"]
+    assert r["effective_context"] == 1 and r["reached"]
 
 
 def test_ten_back_model_needs_11_on_the_grid():
@@ -90,10 +92,13 @@ def test_ten_back_model_needs_11_on_the_grid():
     assert exact[9] == pytest.approx(math.log(V), rel=1e-5) and exact[10] < 1e-6  # k counts the characters read
 
 
-def test_above_grid_is_flagged():
+def test_not_reached_when_no_grid_point_gets_there():
     ids = periodic(1200, 10, 7)
     r = context_use(TenBack(7), ids, n_positions=100, grid=[1, 2, 4, 8], min_offset=40)
-    assert r["effective_context"] == 8 and r["above_grid"]
+    assert r["effective_context"] is None and not r["reached"]
+    assert r["plateau_context"] == 1  # uniform at every k: flat from the start
+    assert r["cold_start_gap"] == pytest.approx(math.log(7), rel=1e-5) and r["cold_start_gap_pct"] is None  # full: 0
+    assert effective_text(r) == "> 8"
 
 
 def test_full_context_equals_a_plain_one_stream_loop():
@@ -165,3 +170,103 @@ def test_default_grid_and_short_split():
 
     with pytest.raises(CorpusError, match="needs at least 3,025"):
         context_use(CurrentCharOnly(5), torch.zeros(3000, dtype=torch.long))
+
+
+class ColdCostly(nn.Module):
+    """Predicts ids[t+1] = 1 + ids[t] % 7 with logit 2 on it once it has read the marker 0 (only ids[0] is one),
+    with logit 1 before: a cold start (any window that misses the split's start) costs the same extra loss at
+    every k. Its state: whether the marker was read, (B,) bool."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(8, 1)  # unused: the contract's token embedding
+
+    def forward(self, idx, state=None):
+        seen = torch.zeros(idx.shape[0], dtype=torch.bool) if state is None else state
+        seen = seen[:, None] | ((idx == 0).long().cummax(1).values > 0)            # (B, T)
+        nxt = F.one_hot(1 + idx % 7, 8).float()                                    # (B, T, V)
+        return nxt * torch.where(seen, 2.0, 1.0)[..., None], seen[:, -1]
+
+
+def cold_costly_ids(n: int = 1500) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.arange(n - 1) % 7])  # marker, then 1..7 cycling
+
+
+WARM, COLD = math.log(1 + 7 * math.exp(-2)), math.log(1 + 7 * math.exp(-1))  # 0.6664, 1.2740 nats
+
+
+def test_a_cold_start_that_costs_a_fixed_loss_at_every_k_is_not_reached_with_that_gap():
+    r = context_use(ColdCostly(), cold_costly_ids(), n_positions=200, grid=GRID_SMALL, min_offset=40)
+    assert r["full_context_loss"] == pytest.approx(WARM, rel=1e-6)
+    for k in GRID_SMALL:
+        assert r["context_use"][k] == pytest.approx(COLD, rel=1e-6)
+    assert r["effective_context"] is None and not r["reached"] and r["plateau_context"] == 1
+    assert r["cold_start_gap"] == pytest.approx(0.607541, abs=1e-5)          # COLD - WARM
+    assert r["cold_start_gap_pct"] == pytest.approx(91.1583, abs=1e-3)       # 100 (COLD / WARM - 1)
+    lines = "\n".join(summary(r))
+    assert "effective context: not reached (> 32 chars): no k is at most 1% and 2 paired SE above" in lines
+    assert "plateau: 1 chars" in lines
+    assert "cold-start gap (the loss at k=32 against full context): +91.2% (+0.6075 nats); the curve is flat from " \
+           "k=1 on yet stays above full context: the gap is what reading from an empty state costs" in lines
+    line = claim_line("CS224N: \"an LSTM keeps about 100 steps\"", r, 100, "steps", 5.0)
+    assert ": not determined: the effective context was not reached (> 32 chars;" in line and "plateau at 1" in line
+    md = "\n".join(markdown({"lstm": r}, 5.0))
+    assert "- lstm: full context 0.6665 nats, k=1 1.2740, effective context not reached (> 32 chars; plateau 1 " \
+           "chars, cold-start gap +91.2% (+0.6075 nats)) (200 positions)." in md
+    assert md.count("not determined") == 2  # both LSTM claims; the RNN's has no checkpoint
+
+
+def test_effective_context_needs_the_band_and_two_paired_se():
+    curve, full = {1: 2.0, 4: 1.005, 8: 1.004, 16: 1.0}, 1.0
+    assert effective_context(curve, full) == 4                                   # 1% band alone (older records)
+    se = {1: 0.1, 4: 0.001, 8: 0.003, 16: 0.001}
+    assert effective_context(curve, full, se) == 8      # k=4: +0.005 > 2 x 0.001; k=8: +0.004 <= 2 x 0.003
+    assert effective_context({1: 2.0, 4: 1.03}, full, {1: 0.5, 4: 0.5}) is None  # within 2 SE, not within 1%
+    assert effective_context({1: 0.9}, full, {1: 0.0}) == 1                        # below full context: reached
+
+
+def test_plateau_of_the_wandering_curve():
+    """An undertrained LSTM's curve (300 steps): flat by k=16 within 1% of the loss at k=1024, never within 1% of
+    the full-context loss 1.962."""
+    curve = {1: 2.894, 4: 2.167, 16: 2.096, 32: 2.037, 45: 2.169, 128: 2.175, 181: 2.029, 512: 2.111, 1024: 2.109}
+    assert plateau_context(curve) == 16                 # 2.096 <= 2.109 x 1.01 = 2.130; 2.167 is not
+    assert effective_context(curve, 1.962) is None      # 2.029 > 1.962 x 1.01 = 1.982
+
+
+def context_json(folder, curve, full, se=None):
+    folder.mkdir(parents=True)
+    (folder / "context.json").write_text(json.dumps(
+        {"context_use": {str(k): v for k, v in curve.items()}, "full_context_loss": full, "positions": 100,
+         "chars_per_word": 5.0, **({"paired_se": {str(k): v for k, v in se.items()}} if se else {})}))
+
+
+def test_compare_column_and_context_md_render_the_not_reached_case(tmp_path):
+    from charlm.studies.compare_context import context_cell, context_report
+
+    out = tmp_path / "cmp"
+    flat = {1: 3.0, 16: 2.17, 32: 2.16, 1024: 2.15}    # plateau 16 (2.17 <= 2.15 x 1.01), gap 2.15 / 2.0 = +7.5%
+    context_json(out / "lstm-1", flat, 2.0, {1: 0.01, 16: 0.01, 32: 0.01, 1024: 0.01})
+    context_json(out / "lstm-2", {1: 3.0, 16: 2.1, 32: 2.12, 1024: 2.15}, 2.0)   # plateau 16, gap +7.5%
+    context_json(out / "rnn-1", {1: 3.0, 8: 2.01, 16: 2.0, 1024: 2.0}, 2.0)      # reached at 8
+    context_json(out / "rnn-2", {1: 3.0, 8: 2.1, 16: 2.0, 1024: 2.0}, 2.0)       # reached at 16
+    read = [json.loads((out / f / "context.json").read_text()) for f in ("lstm-1", "lstm-2", "rnn-1", "rnn-2")]
+    assert context_cell(read[:2]) == "> 1,024 (plateau 16, gap +7.5%)"
+    assert context_cell(read[2:]) == "12"
+    assert context_cell([read[0], read[2]]) == "8 (1 of 2 seeds not reached)"
+    assert context_cell([{}]) == ""
+    assert context_report(out, ["rnn", "lstm"], [1, 2])
+    md = (out / "context.md").read_text()
+    assert "- lstm: full context 2.0000 nats, k=1 3.0000, effective context not reached (> 1024 chars; plateau 16 " \
+           "chars, cold-start gap +7.5% (+0.1500 nats)) (100 positions)." in md
+    assert "- rnn: full context 2.0000 nats, k=1 3.0000, effective context 8 chars (100 positions)." in md
+    assert "an LSTM keeps about 100 steps\": not determined" in md
+    assert "a vanilla RNN about 7\": measured 8 chars within 1% of full context: agrees" in md
+
+
+def test_the_leaderboard_shows_the_compare_column(tmp_path):
+    from charlm.leaderboard import run_row
+
+    out = tmp_path / "cmp"
+    context_json(out / "lstm-1", {1: 3.0, 16: 2.17, 1024: 2.15}, 2.0)
+    (out / "lstm-1" / "results.json").write_text(json.dumps({"best_val_bpc": 2.9, "best_val_loss": 2.0}))
+    assert run_row(out, "lstm", [1])["context_cell"] == "> 1,024 (plateau 16, gap +7.5%)"

@@ -1,9 +1,13 @@
 """The context measurements charlm.compare adds to a comparison: each measured run's effective context
 (DIR/MODEL-SEED/context.json, a leaderboard column) and, at the end, DIR/context.png and DIR/context.md, the
-curves against the published claims (charlm.studies.context)."""
+curves against the published claims (charlm.studies.context). `context_cell` is the leaderboard's column:
+the effective context where it is reached, else the plateau and the cold-start gap."""
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -13,15 +17,17 @@ from omegaconf import DictConfig
 
 from charlm import cli
 from charlm.atomic import write_json
-from charlm.leaderboard import _read
-from charlm.train import finite
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool:
     """The best checkpoint's effective context on the val split (charlm.studies.context) into
     folder/context.json; False (and one line) if it cannot be measured."""
     try:
-        from charlm.studies.context import context_use
+        from charlm.studies.context import context_use, effective_text
     except ImportError:
         print(f"charlm.compare: {folder.name}: no effective context (charlm.studies.context is not installed)")
         return False
@@ -41,14 +47,49 @@ def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool
     except Exception as e:  # noqa: BLE001 - a failed measurement leaves the column empty, not the comparison
         print(f"error: {folder.name}: effective context: {cli.error_line(e)}", file=sys.stderr)
         return False
-    record = {k: (finite(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-              for k, v in use.items() if k in ("effective_context", "full_context_loss")}
+    keys = ("effective_context", "reached", "plateau_context", "cold_start_gap", "cold_start_gap_pct",
+            "full_context_loss")
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in use.items() if k in keys}
     record.update(positions=positions, checkpoint=best.name, seconds=round(seconds, 3),
-                  context_use=use.get("context_use"), chars_per_word=chars_per_word(ids, vocab))
+                  context_use=use.get("context_use"), paired_se=use.get("paired_se"),
+                  chars_per_word=chars_per_word(ids, vocab))
     write_json(folder / "context.json", record)
-    print(f"charlm.compare: {folder.name}: effective context {record.get('effective_context')} chars "
+    print(f"charlm.compare: {folder.name}: effective context {effective_text(use)} chars "
           f"({positions} positions, {seconds:.1f} s)")
     return True
+
+
+def verdicts(c: dict) -> dict | None:
+    """A context.json's curve with its verdicts (charlm.studies.context.describe), recomputed from the curve so a
+    file written before the paired SE existed reads the same way (then only the 1% band counts); None without one."""
+    from charlm.studies.context import describe
+
+    if not (c.get("context_use") and c.get("full_context_loss")):
+        return None
+    curve = {int(k): float(v) for k, v in c["context_use"].items()}
+    se = {int(k): float(v) for k, v in c["paired_se"].items()} if c.get("paired_se") else None
+    return {"context_use": curve, "full_context_loss": c["full_context_loss"], "paired_se": se,
+            **describe(curve, c["full_context_loss"], se), "positions": c.get("positions", 0), "grid": sorted(curve)}
+
+
+def context_cell(records: list[dict]) -> str:
+    """The leaderboard's effective-context cell from the seeds' context.json: the mean effective context when
+    every measured seed reached it; else the plateau and the cold-start gap ('> 1024 (plateau 16, gap +7.5%)'),
+    or, when only some seeds reached it, their mean and how many did not. '' when none was measured."""
+    measured = [v for v in map(verdicts, records) if v is not None]
+    if not measured:
+        return ""
+    reached = [v["effective_context"] for v in measured if v["reached"]]
+    if len(reached) == len(measured):
+        return f"{statistics.fmean(reached):,.0f}"
+    if reached:
+        return f"{statistics.fmean(reached):,.0f} ({len(measured) - len(reached)} of {len(measured)} seeds not reached)"
+    last = max(v["grid"][-1] for v in measured)
+    plateau = statistics.fmean(v["plateau_context"] for v in measured)
+    pcts = [v["cold_start_gap_pct"] for v in measured if v["cold_start_gap_pct"] is not None]
+    gap = (f"{statistics.fmean(pcts):+.1f}%" if len(pcts) == len(measured)
+           else f"{statistics.fmean(v['cold_start_gap'] for v in measured):+.4f} nats")
+    return f"> {last:,} (plateau {plateau:,.0f}, gap {gap})"
 
 
 def chars_per_word(ids: torch.Tensor, vocab) -> float:
@@ -61,19 +102,15 @@ def context_report(out: Path, models: list[str], seeds: list[int]) -> bool:
     """DIR/context.png and DIR/context.md: each model's context curve (the first seed that has one) and a line
     per published claim, agrees or not and why (charlm.studies.context). False when no run measured one."""
     from charlm.atomic import write_atomic
-    from charlm.studies.context import THRESHOLD, effective_context, markdown, plot_context
+    from charlm.studies.context import markdown, plot_context
 
     curves, per_word = {}, None
     for m in models:
         for s in seeds:
             c = _read(out / f"{m}-{s}" / "context.json")
-            if not (c.get("context_use") and c.get("full_context_loss")):
+            if (v := verdicts(c)) is None:
                 continue
-            curve = {int(k): float(v) for k, v in c["context_use"].items()}
-            k_eff, above = effective_context(curve, c["full_context_loss"])
-            curves[m] = {"context_use": curve, "full_context_loss": c["full_context_loss"], "effective_context": k_eff,
-                         "above_grid": above, "threshold": THRESHOLD, "positions": c.get("positions", 0),
-                         "grid": sorted(curve)}
+            curves[m] = v
             per_word = per_word or c.get("chars_per_word")
             break
     if not curves:

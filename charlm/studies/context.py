@@ -5,8 +5,16 @@ last k characters, ids[p-k+1 .. p] (k=1: the current character alone), for k on 
 about sqrt(2) from 1 to 1024. A recurrent model starts from an empty state k characters back; a model
 with a window (`capabilities(model).context_size`, the transformer) reads min(k, window). The curve is
 compared with the full-context loss at the same positions: the yardstick's one-stream pass, state
-carried from the split's first character (a windowed model: its sliding window). The effective
-context is the smallest k whose loss is within 1% (relative) of that full-context loss.
+carried from the split's first character (a windowed model: its sliding window).
+
+- The effective context is the smallest k whose loss is at most 1% (relative) above the full-context
+  loss and at most 2 paired standard errors above it (the SE of the per-position differences at that
+  k: a gap the positions' spread cannot tell from none). When no k gets there, it is not reached:
+  None in the JSON, "> 1024" in the text.
+- The plateau is the smallest k whose loss is at most 1% above the loss at the largest k: the context
+  the model uses when it reads from an empty state.
+- The cold-start gap is the loss at the largest k against the full-context loss (nats and %): with a
+  flat curve, what starting from an empty state costs, not context the model is missing.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ GRID = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 7
 CHUNK = 64  # characters a recurrent model reads per call of a long window, its state carried
 BATCH = 64  # windows per forward call: 64 x 64 characters stay nearer the cache than 256 rows (minGRU ~15% faster)
 THRESHOLD = 0.01  # relative distance to the full-context loss that counts as "all the context it uses"
+SE_FACTOR = 2.0  # ... and at most this many paired standard errors above it (a gap the positions' spread explains)
+ROUNDING = 1e-6  # relative differences this small are float rounding (the two passes batch differently), not context
 
 
 def sample_positions(n: int, n_positions: int, seed: int, min_offset: int) -> torch.Tensor:
@@ -79,21 +89,53 @@ def truncated_losses(model, ids: torch.Tensor, positions: torch.Tensor, k: int, 
     return torch.cat(out)
 
 
-def effective_context(curve: dict[int, float], full: float, threshold: float = THRESHOLD) -> tuple[int, bool]:
-    """(the smallest k whose loss is within `threshold` (relative) of `full`, False), or (the largest k,
-    True) when no grid point gets there."""
+def effective_context(curve: dict[int, float], full: float, se: dict[int, float] | None = None,
+                      threshold: float = THRESHOLD, se_factor: float = SE_FACTOR) -> int | None:
+    """The smallest k whose loss is at most `threshold` (relative) above `full` and, given the paired
+    standard errors `se`, at most `se_factor` of them above it; None when no k gets there (not reached).
+    Without `se` (a curve recorded before they were) only the threshold counts."""
     for k in sorted(curve):
-        if curve[k] <= full * (1 + threshold):
-            return k, False
-    return max(curve), True
+        diff = curve[k] - full
+        close = diff <= threshold * full
+        steady = se is None or diff <= se_factor * se[k] + ROUNDING * abs(full)
+        if close and steady:
+            return k
+    return None
+
+
+def plateau_context(curve: dict[int, float], threshold: float = THRESHOLD) -> int:
+    """The smallest k whose loss is at most `threshold` (relative) above the loss at the largest k."""
+    end = curve[max(curve)]
+    return min(k for k, v in curve.items() if v <= end * (1 + threshold))
+
+
+def cold_start_gap(curve: dict[int, float], full: float) -> tuple[float, float | None]:
+    """(nats, %): how far the loss at the largest k stays above the full-context loss (% None when that is 0)."""
+    end = curve[max(curve)]
+    return end - full, 100 * (end / full - 1) if full > 0 else None
+
+
+def gap_text(r: dict) -> str:
+    """'+7.5% (+0.1470 nats)', or the nats alone when the full-context loss is 0."""
+    pct, nats = r["cold_start_gap_pct"], r["cold_start_gap"]
+    return f"{nats:+.4f} nats" if pct is None else f"{pct:+.1f}% ({nats:+.4f} nats)"
+
+
+def describe(curve: dict[int, float], full: float, se: dict[int, float] | None = None) -> dict:
+    """The verdicts on a curve: effective context (None: not reached), reached, plateau, cold-start gap."""
+    k_eff = effective_context(curve, full, se)
+    gap, pct = cold_start_gap(curve, full)
+    return {"effective_context": k_eff, "reached": k_eff is not None, "plateau_context": plateau_context(curve),
+            "cold_start_gap": gap, "cold_start_gap_pct": pct, "threshold": THRESHOLD, "se_factor": SE_FACTOR}
 
 
 def context_use(model, ids: torch.Tensor, n_positions: int = 2000, seed: int = 0, device: str = "cpu",
                 grid: list[int] | None = None, min_offset: int = 1024, batch_size: int = BATCH,
                 chunk: int = CHUNK) -> dict:
-    """Loss against the characters read (k) at a seeded sample of positions, the full-context loss at the
-    same positions and the effective context (see the module docstring). A model without a window reads
-    long windows `chunk` characters at a time, its state carried. Leaves the model's mode as it was."""
+    """Loss against the characters read (k) at a seeded sample of positions with its paired standard error,
+    the full-context loss at the same positions and the verdicts (`describe`, the module docstring). A
+    model without a window reads long windows `chunk` characters at a time, its state carried. Leaves the
+    model's mode as it was."""
     grid = sorted(GRID if grid is None else grid)
     if min_offset < grid[-1] - 1:
         raise ValueError(f"min_offset={min_offset}: positions must be at least {grid[-1] - 1} in for k={grid[-1]}")
@@ -101,38 +143,63 @@ def context_use(model, ids: torch.Tensor, n_positions: int = 2000, seed: int = 0
     model = model.to(device).eval()
     try:
         positions = sample_positions(len(ids), n_positions, seed, min_offset)
-        full = float(full_context_losses(model, ids, device)[positions].mean())
+        full_at = full_context_losses(model, ids, device)[positions]                       # (P,)
         window = capabilities(model).context_size
-        by_length: dict[int, float] = {}  # characters read -> loss (k >= window all read the same windows)
-        curve = {}
+        by_length: dict[int, torch.Tensor] = {}  # characters read -> losses (k >= window all read the same)
+        curve, se = {}, {}
         for k in grid:
             n = k if window is None else min(k, window)
             if n not in by_length:
-                by_length[n] = float(truncated_losses(model, ids, positions, n, batch_size, device,
-                                                      chunk if window is None else None).mean())
-            curve[k] = by_length[n]
+                by_length[n] = truncated_losses(model, ids, positions, n, batch_size, device,
+                                                chunk if window is None else None)  # (P,)
+            diff = by_length[n] - full_at                                                  # (P,) paired
+            curve[k] = float(by_length[n].mean())
+            if len(diff) > 1:  # one position has no spread: then only the 1% band counts
+                se[k] = float(diff.std() / math.sqrt(len(diff)))
     finally:
         model.train(was_training)
-    k_eff, above = effective_context(curve, full)
-    return {"context_use": curve, "full_context_loss": full, "effective_context": k_eff, "above_grid": above,
-            "threshold": THRESHOLD, "positions": len(positions), "grid": grid,
-            "seconds": time.perf_counter() - start}
+    full, se = float(full_at.mean()), se or None
+    return {"context_use": curve, "paired_se": se, "full_context_loss": full, **describe(curve, full, se),
+            "positions": len(positions), "grid": grid, "seconds": time.perf_counter() - start}
 
 
 def effective_text(r: dict) -> str:
-    """'91' or 'above 1024' (no grid point came within the threshold)."""
-    return f"above {r['effective_context']}" if r.get("above_grid") else str(r["effective_context"])
+    """'91', or '> 1024' when no k reached the band."""
+    k = r.get("effective_context")
+    return f"> {max(int(g) for g in r['context_use'])}" if k is None else str(k)
+
+
+def gap_meaning(r: dict) -> str:
+    """One line on what the cold-start gap means for this curve."""
+    last, p = max(int(k) for k in r["context_use"]), r["plateau_context"]
+    if r.get("reached"):
+        return "the band is reached: once enough characters are read, the empty start costs next to nothing."
+    if r["cold_start_gap"] <= r["threshold"] * r["full_context_loss"]:
+        return (f"within {r['threshold']:.0%} of full context but more than {r['se_factor']:g} paired SE above it at "
+                "every k: a small, real gain from context beyond the grid.")
+    if p < last:
+        return (f"the curve is flat from k={p} on yet stays above full context: the gap is what reading from an "
+                "empty state costs this model, not context it is missing.")
+    return (f"the loss still falls at k={last}: the model may use more context than the grid measures, or still be "
+            "recovering from its cold start.")
 
 
 def summary(r: dict) -> list[str]:
-    """Lines for a terminal: each grid point, the full-context loss, the effective context."""
-    full = r["full_context_loss"]
-    lines = [f"  k={k:>5} chars read: {v:.4f} nats ({100 * (v / full - 1):+.1f}% vs full context)"
-             for k, v in r["context_use"].items()]
+    """Lines for a terminal: each grid point with its paired SE, the full-context loss, the verdicts."""
+    full, se = r["full_context_loss"], r.get("paired_se") or {}
+    lines = [f"  k={k:>5} chars read: {v:.4f} nats ({100 * (v / full - 1):+.1f}% vs full context"
+             + (f", paired SE {se[k]:.4f})" if k in se else ")") for k, v in r["context_use"].items()]
+    last = max(int(k) for k in r["context_use"])
     lines.append(f"full context (state carried from the split's start): {full:.4f} nats at "
                  f"{r['positions']:,} positions")
-    lines.append(f"effective context: {effective_text(r)} chars (smallest k within {r['threshold']:.0%} "
-                 "of the full-context loss)")
+    rule = f"at most {r['threshold']:.0%} and {r['se_factor']:g} paired SE above the full-context loss"
+    if r.get("reached"):
+        lines.append(f"effective context: {r['effective_context']} chars (the smallest k {rule})")
+    else:
+        lines.append(f"effective context: not reached (> {last} chars): no k is {rule}")
+    lines.append(f"plateau: {r['plateau_context']} chars (smallest k within {r['threshold']:.0%} of the loss at "
+                 f"k={last}: the context used reading from an empty state)")
+    lines.append(f"cold-start gap (the loss at k={last} against full context): {gap_text(r)}; {gap_meaning(r)}")
     return lines
 
 
@@ -150,7 +217,8 @@ def plot_context(curves: dict[str, dict], path) -> None:
         ax.plot(ks, list(r["context_use"].values()), "o-", ms=3, color=color,
                 label=f"{name} (effective {effective_text(r)})")
         ax.axhline(r["full_context_loss"], ls="--", lw=1, color=color)
-        ax.axvline(r["effective_context"], ls=":", lw=0.8, color=color)
+        if r.get("effective_context") is not None:
+            ax.axvline(r["effective_context"], ls=":", lw=0.8, color=color)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("characters read before predicting (k)")
     ax.set_ylabel("loss (nats/char)")
@@ -174,15 +242,16 @@ def claim_line(source: str, r: dict | None, claimed: float, unit: str, chars_per
     or not, and why."""
     if r is None:
         return f"- {source}: no checkpoint of that family in this report."
+    if r.get("effective_context") is None:
+        return (f"- {source}: not determined: the effective context was not reached ({effective_text(r)} chars; "
+                f"the loss at the longest k stays {gap_text(r)} above full context, plateau at "
+                f"{r['plateau_context']} chars), so there is no measurement to set against the claim.")
     chars = r["effective_context"]
     measured = chars / chars_per_word if unit == "words" else chars  # a step of a character model is a character
     shown = (f"{effective_text(r)} chars" + (f" (~{measured:.0f} words at {chars_per_word:.1f} chars/word)"
                                              if unit == "words" else ""))
     ratio = measured / claimed
-    if r.get("above_grid"):
-        verdict, why = ("disagrees" if measured > 2 * claimed else "cannot tell",
-                        "the loss still falls at the longest context measured, so the model uses more than that")
-    elif 0.5 <= ratio <= 2:
+    if 0.5 <= ratio <= 2:
         verdict, why = "agrees", f"within a factor of 2 of {claimed} {unit}"
     elif ratio < 0.5:
         verdict, why = "disagrees (shorter)", ("a small model trained briefly has not learned to use far context; "
@@ -199,11 +268,16 @@ def markdown(curves: dict[str, dict], chars_per_word: float) -> list[str]:
     lines = ["## Context used on real text", "",
              "Loss when the model reads only the last k characters before each scored position (dashed: the "
              "same positions with the state carried from the split's start). Effective context: the smallest "
-             f"k within {THRESHOLD:.0%} of the full-context loss (docs/context.md).", "", "![context](context.png)", ""]
+             f"k at most {THRESHOLD:.0%} and {SE_FACTOR:g} paired SE above the full-context loss; not reached "
+             "(> the grid) when no k is (docs/context.md).", "", "![context](context.png)", ""]
     for name, r in curves.items():
+        reached = r.get("effective_context") is not None
         lines.append(f"- {name}: full context {r['full_context_loss']:.4f} nats, "
                      f"k=1 {r['context_use'][min(r['grid'])]:.4f}, "
-                     f"effective context {effective_text(r)} chars ({r['positions']:,} positions).")
+                     + (f"effective context {effective_text(r)} chars" if reached else
+                        f"effective context not reached ({effective_text(r)} chars; plateau {r['plateau_context']} "
+                        f"chars, cold-start gap {gap_text(r)})")
+                     + f" ({r['positions']:,} positions).")
     lines.append("")
     lines += [claim_line(src, curves.get(family), claimed, unit, chars_per_word)
               for src, family, claimed, unit in CLAIMS]
