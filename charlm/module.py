@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils._pytree import tree_map
 
 from charlm.budget import BudgetClock
-from charlm.checkpoint import read_checkpoint
+from charlm.checkpoint import check_hparams, read_checkpoint
 from charlm.errors import DivergenceError
 from charlm.generate import generate, readable
 from charlm.models.contract import build_model, capabilities
@@ -38,7 +38,7 @@ class CharLM(L.LightningModule):
     """Next-character cross-entropy, clipping with statistics, full val passes, samples at each validation.
 
     All arguments are plain data (they are saved in the checkpoint and rebuild the model with
-    `CharLM.load_from_checkpoint(path)`, which needs no data folder).
+    `CharLM.load_from_checkpoint(path)`, which needs no data folder and checks them: `load_charlm`).
     """
 
     def __init__(
@@ -281,6 +281,11 @@ class CharLM(L.LightningModule):
 
     # ---- checkpoint -----------------------------------------------------------------------
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, trusted=(), **_) -> CharLM:
+        """`load_charlm`: Lightning's own loader would build whatever the checkpoint's config names."""
+        return load_charlm(checkpoint_path, map_location or "cpu", trusted)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Strip torch.compile's prefix; store what exact resume needs as tensors and plain data
         (RNG states, the carried stream state, the W&B run id), so `weights_only` loading works."""
@@ -311,9 +316,10 @@ class CharLM(L.LightningModule):
             self._resume_rng = None
 
 
-def load_charlm(path, map_location="cpu") -> CharLM:
-    """Rebuild a CharLM (model + vocab) from a checkpoint, on CPU by default, in eval mode."""
+def load_charlm(path, map_location="cpu", trusted=()) -> CharLM:
+    """Rebuild a CharLM (model + vocab) from a checkpoint, on CPU by default, in eval mode; its configs
+    checked first (`charlm.checkpoint.check_hparams`; `trusted`: targets the caller vouches for)."""
     ckpt = read_checkpoint(path, map_location)
-    module = CharLM(**ckpt["hyper_parameters"])
+    module = CharLM(**check_hparams(ckpt["hyper_parameters"], path, trusted))
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()

@@ -21,7 +21,7 @@ from charlm.atomic import write_json
 from charlm.budget import BudgetClock, budget_record, check_budget, final_lr, tokens_per_step
 from charlm.build import Built, build
 from charlm.callbacks import TrainClock
-from charlm.checkpoint import read_checkpoint
+from charlm.checkpoint import check_checkpoint, command_targets, read_checkpoint
 from charlm.cli import CONF_DIR, hydra_main, in_multirun
 from charlm.config import check_train
 from charlm.errors import ConfigError
@@ -66,13 +66,15 @@ def check_config(cfg: DictConfig) -> None:
     check_train(cfg)
     check_budget(cfg)
     check_sweep_devices(cfg)
+    if cfg.get("ckpt_path"):  # a resumed checkpoint's configs are data, checked as the command line's are
+        check_checkpoint(cfg.ckpt_path, trusted=command_targets(cfg))
 
 
 def evaluate_best(built: Built, best_path: str, cfg: DictConfig) -> dict:
     """The best checkpoint on the yardstick (exact, over the whole val split: eval.max_chars bounds only the
     validations during training) and the nanoGPT-style window figure; the model that produced them."""
     t0 = time.perf_counter()
-    best = load_charlm(best_path)
+    best = load_charlm(best_path, trusted=command_targets(cfg))
     device = built.module.device
     model = best.model.to(device).eval()
     batches = built.dm.eval_dataset("val", whole=True)

@@ -256,7 +256,8 @@ def test_cli_wrong_type_is_one_line_exit_2(module, args, key, tmp_path):
 
 def test_model_from_outside_the_package(tmp_path, monkeypatch):
     """One .py file on PYTHONPATH and one YAML on hydra.searchpath: trains (a fresh `python -m charlm.train` with
-    PYTHONPATH), then samples, evaluates and gradflows through the CLIs' main() here, the folder on sys.path."""
+    PYTHONPATH), then samples, evaluates and gradflows through the CLIs' main() here, the folder on sys.path (the
+    config folder named again: a checkpoint's config builds only classes charlm registers or the command names)."""
     ext = ROOT / "tests" / "external"
     env = {"PYTHONPATH": str(ext)}
     search = f"hydra.searchpath=[file://{ext / 'conf'}]"
@@ -266,11 +267,11 @@ def test_model_from_outside_the_package(tmp_path, monkeypatch):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["model"] == "bag_of_chars" and results["best_val_loss"] is not None
     monkeypatch.syspath_prepend(str(ext))
-    out = run_main("charlm.sample", f"ckpt_path={run_dir}/checkpoints/best.ckpt", "n_chars=25", "seed=0")
+    out = run_main("charlm.sample", search, f"ckpt_path={run_dir}/checkpoints/best.ckpt", "n_chars=25", "seed=0")
     assert len(out.stdout.rstrip("\n")) >= 25
-    ev = run_main("charlm.evaluate", f"ckpt_path={run_dir}/checkpoints/best.ckpt")
+    ev = run_main("charlm.evaluate", search, f"ckpt_path={run_dir}/checkpoints/best.ckpt")
     assert "bits/char" in ev.stdout
-    run_main("charlm.gradflow", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"out_dir={tmp_path / 'gf'}",
+    run_main("charlm.gradflow", search, f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"out_dir={tmp_path / 'gf'}",
              "seq_len=12", "n_rows=2")
     curves = json.loads((tmp_path / "gf" / "gradient_flow.json").read_text())
     assert len(curves["bag_of_chars"]["trained"]) == 12

@@ -122,8 +122,31 @@ def capabilities(model: nn.Module | type) -> Capabilities:
     )
 
 
-def build_model(model_cfg: dict, vocab_size: int) -> nn.Module:
-    """The model a config names (`_target_` and its arguments), for a vocabulary of `vocab_size`."""
-    from hydra.utils import instantiate
+def hydra_key_in(value: Any, where: str) -> str | None:
+    """The dotted key of the first Hydra key (`_target_`, `_args_`, ...) anywhere inside `value`, or None."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, inner in items:
+        dotted = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}"
+        if isinstance(key, str) and key.startswith("_"):
+            return dotted
+        if (found := hydra_key_in(inner, dotted)) is not None:
+            return found
+    return None
 
-    return instantiate(model_cfg, vocab_size=vocab_size, _convert_="all")
+
+def build_model(model_cfg: dict, vocab_size: int) -> nn.Module:
+    """The model a config names: its class (`_target_`) called with the other keys and `vocab_size`.
+
+    Only the top level names code: an argument is a plain value, and a `_target_` nested in one is refused,
+    never built (a config read from a checkpoint is checked further by `charlm.checkpoint.check_section`)."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    from charlm.errors import ConfigError
+
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    args = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
+    if (key := hydra_key_in(args, "model")) is not None:
+        raise ConfigError(f"{key}: a Hydra key inside a model argument; a model config names one class, "
+                          "and its arguments are plain values")
+    return instantiate(cfg, vocab_size=vocab_size, _convert_="all", _recursive_=False)
