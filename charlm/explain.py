@@ -11,6 +11,7 @@ on the same text. Needs torch and the model, not Lightning. The page is drawn by
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
 from charlm.config import check_keys, check_sections
 from charlm.corpus import encode_corpus
 from charlm.errors import ConfigError, CorpusError, UnknownCharError
 from charlm.models.contract import capabilities
+from charlm.scoring import units as unit_study
 from charlm.split import split_slice
 from charlm.vocab import CharVocab
 from charlm.yardstick import IGNORE, eval_dataset, protocol
@@ -70,6 +73,7 @@ class Trace:
     top_p: np.ndarray                   # (n-1, k) probabilities
     gates: dict[str, np.ndarray]        # layer -> (n,) mean opening while reading each character
     protocol: dict
+    units: Any = None                   # what units.* found (model A): charlm.scoring.units.UnitsFound
 
     @property
     def bpc(self) -> float:
@@ -92,10 +96,11 @@ class CorpusKeys:
 def check(cfg: DictConfig) -> None:
     """Types and ranges of every key (charlm.config), before anything is read or written."""
     if str(cfg.data.get("_target_", "")).startswith("charlm.hf."):  # reading such a corpus brings Lightning anyway
-        check_sections(cfg, {"eval": ExplainEval}, ExplainTop, targets=("data",))
+        check_sections(cfg, {"eval": ExplainEval, "units": unit_study.UnitsKeys}, ExplainTop, targets=("data",))
     else:
         check_keys(cfg.data, CorpusKeys, "data.", allow_extra=True)  # data.errors, data.unit: charlm.schemas.RULES
-        check_sections(cfg, {"eval": ExplainEval}, ExplainTop)  # data: checked above (ExplainTop takes any)
+        check_sections(cfg, {"eval": ExplainEval, "units": unit_study.UnitsKeys}, ExplainTop)  # data: checked above
+    unit_study.check_units(cfg.units)
     if cfg.split not in ("train", "val", "test", "all"):
         raise ConfigError(f"split={cfg.split}: must be one of train, val, test, all")
     if cfg.start < 0:
@@ -154,8 +159,9 @@ def known_text(text: str, where: str, vocabs: dict[str, CharVocab], unknown: str
 
 @torch.no_grad()
 def trace(model: torch.nn.Module, vocab: CharVocab, text: str, name: str, chunk: int = 256,
-          stride: int | None = None, batch_size: int = 64, device: str = "cpu") -> Trace:
-    """The yardstick's pass with one stream (or its sliding window), keeping every scored position."""
+          stride: int | None = None, batch_size: int = 64, device: str = "cpu", gates: bool = True) -> Trace:
+    """The yardstick's pass with one stream (or its sliding window), keeping every scored position
+    (and the gate openings of a recurrent model, unless gates=False)."""
     ids = torch.as_tensor(vocab.encode_array(text).astype(np.int64))
     caps = capabilities(model)
     k = min(TOP_K, len(vocab))
@@ -174,7 +180,7 @@ def trace(model: torch.nn.Module, vocab: CharVocab, text: str, name: str, chunk:
         raise RuntimeError(f"the pass scored {len(losses)} characters of {len(ids) - 1}")
     chars = len(losses)
     return Trace(name, vocab, losses, torch.cat(top_ids).numpy(), torch.cat(top_p).double().numpy(),
-                 gate_trace(model, ids, chunk, device) if caps.context_size is None else {},
+                 gate_trace(model, ids, chunk, device) if gates and caps.context_size is None else {},
                  protocol(caps.context_size, 1, chunk, stride, chars))
 
 
@@ -213,20 +219,41 @@ def explain(cfg: DictConfig) -> list[Trace]:
                           f"{units['A']}s; explain compares models of one unit")
     text, where = source_text(cfg, units["A"])
     text = known_text(text, where, {k: m[1] for k, m in models.items()}, cfg.unknown)
+    if cfg.units.find is not None:
+        unit_study.target(str(cfg.units.find), text)  # a pattern the stretch never matches: said before any pass
     e = cfg.eval
     traces = []
     for key, (model, vocab, hp) in models.items():
         label = f"{key}: {_label(hp, cfg.ckpt_path if key == 'A' else cfg.against)}"
         traces.append(trace(model.to(device), vocab, text, label, e.chunk, e.stride, e.batch_size, device))
-    write_page(Path(cfg.out), text, traces, where)
+    extra = []
+    if cfg.units.find is not None or cfg.units.ablate is not None:  # model A's units (charlm.scoring.units)
+        from charlm.scoring.units_page import sections
+
+        a, (model, vocab, _) = traces[0], models["A"]
+        ids = torch.as_tensor(vocab.encode_array(text).astype(np.int64))
+        a.units = unit_study.inspect_units(model, text, ids, cfg.units, e.chunk, device, a.losses, lambda: trace(
+            model, vocab, text, a.name, e.chunk, e.stride, e.batch_size, device, gates=False).losses)
+        extra = sections(text, a.units, a.name)
+    write_page(Path(cfg.out), text, traces, where, extra)
+    if traces[0].units is not None:
+        write_json(Path(cfg.out) / "units.json", unit_study.summary(traces[0].units))
     return traces
 
 
+def _verbatim(value: str) -> str:
+    """value as a Hydra quoted string that reads back as value (backslashes doubled only before a quote)."""
+    return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
+
+
 def _quote_free_text(argv: list[str]) -> list[str]:
-    """Let `text=To be, or not` pass through Hydra's override grammar verbatim."""
+    """Let `text=To be, or not` pass through Hydra's override grammar verbatim, and a regex `units.find=...`
+    always (a pattern may start with a quote)."""
     out = []
     for a in argv:
         key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") == "units.find":
+            a = f"{key}={_verbatim(value)}"
         if eq and key.lstrip("+") == "text" and value[:1] not in ("'", '"'):
             a = "text='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
         out.append(a)
@@ -237,6 +264,8 @@ def _job(cfg: DictConfig) -> None:
     for t in explain(cfg):
         print(f"{t.name}: {t.bpc:.4f} {t.vocab.unit_label} on {len(t.losses):,} {t.vocab.unit}s "
               f"({t.protocol['text']})")
+        if t.units is not None:
+            print("\n".join(unit_study.lines(t.units, len(t.losses) + 1)))
     print(f"wrote {Path(cfg.out) / 'explain.html'} and {Path(cfg.out) / 'explain.png'}")
 
 

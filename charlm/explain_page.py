@@ -101,9 +101,10 @@ def _bins(values, edges) -> np.ndarray:
     return np.digitize(np.asarray(values, dtype=np.float64), edges)
 
 
-def _text_view(text: str, view: str, bins: np.ndarray | None, gates: dict[str, np.ndarray]) -> str:
+def _text_view(text: str, view: str, bins: np.ndarray | None, gates: dict[str, np.ndarray],
+               under=None) -> str:
     """The text, one span per character (class `c`, bin class, data-i), line by line, each line
-    followed by one strip per gate layer."""
+    followed by one strip per gate layer, then what `under(start, end)` draws for characters start..end-1."""
     gate_bins = {k: _bins(v, GATE_EDGES) for k, v in gates.items()}
     out, line, start = [f'<div class="text" id="view-{view}" data-view="{view}">'], [], 0
     for t, c in enumerate(text):
@@ -115,6 +116,7 @@ def _text_view(text: str, view: str, bins: np.ndarray | None, gates: dict[str, n
             for k, gb in gate_bins.items():
                 cells = "".join(f'<i class="g g{v}"></i>' for v in gb[start : t + 1])
                 out.append(f'<div class="gates" title="{escape(k, quote=True)}">{cells}</div>')
+            out.extend(under(start, t + 1) if under else ())
             line, start = [], t + 1
     out.append("</div>")
     return "\n".join(out)
@@ -181,8 +183,8 @@ font-family:ui-monospace,monospace;font-size:12px;min-height:3.5em;z-index:1}
 table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"""
 
 
-def render_html(text: str, traces, where: str) -> str:
-    """The whole page as one string."""
+def render_html(text: str, traces, where: str, extra: list[tuple[str, str]] = ()) -> str:
+    """The whole page as one string; `extra`: (CSS, HTML) sections after the views (charlm.scoring.units_page)."""
     s_col, d_col, g_col = _colours("YlOrRd", 10, 0.0, 1.0), _colours("RdBu_r", 11), _colours("Greys", 10, 0.1, 1.0)
     css = CSS + _palette("A", s_col) + _palette("B", s_col) + _palette("D", d_col) + _palette("g", g_col)
     s_labels = [f"{e - 1}-{e}" for e in SURPRISAL_EDGES] + ["9+"]
@@ -205,6 +207,8 @@ def render_html(text: str, traces, where: str) -> str:
         body.append(_legend("D", d_labels, "A's nats minus B's (blue: A predicts better, red: B does):"))
         body.append(_text_view(text, "D", _bins(a.losses - b.losses, GAIN_EDGES), {}))
         body.append(_summary(text, comparison(text, a, b)))
+    css += "".join(c for c, _ in extra)
+    body += [h for _, h in extra]
     data = {"text": list(text), **page_data(traces)}
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>charlm explain</title>"
             f"<style>{css}</style></head><body>\n" + "\n".join(body) +
@@ -274,10 +278,10 @@ def render_png(text: str, traces, path: Path, cols: int = 80) -> None:
         fig.savefig(tmp, dpi=fig.dpi)
 
 
-def write_page(out: Path, text: str, traces, where: str) -> tuple[Path, Path]:
-    """out/explain.html and out/explain.png, each written atomically."""
+def write_page(out: Path, text: str, traces, where: str, extra: list[tuple[str, str]] = ()) -> tuple[Path, Path]:
+    """out/explain.html and out/explain.png, each written atomically (`extra`: render_html's)."""
     out = Path(out)
     html_path, png_path = out / "explain.html", out / "explain.png"
-    write_atomic(html_path, render_html(text, traces, where))
+    write_atomic(html_path, render_html(text, traces, where, extra))
     render_png(text, traces, png_path)
     return html_path, png_path

@@ -21,7 +21,15 @@ gate trace             method `gate_trace(idx, state=None)`   no gates: ({}, the
                        the state carried like forward's       the state carried (`charlm.explain`)
 parameters not decayed class attr `no_weight_decay`         (): weight decay goes to every parameter with
                        (parameter names, matched as the       dim >= 2; a name listed here (e.g. Mamba's
-                       last part of the dotted name)          `A_log`) never decays, whatever its shape
+                       last parts of the dotted name)         `A_log`, xLSTM's `embed.weight`) never decays
+unit trace             method `unit_trace(idx, state=None)`   the features the output layer (the last
+                       -> ({"layer{i}/KIND": (B, T, U)},      nn.Linear onto the vocabulary) reads, as
+                       state), the state carried like         "layer0/h"; KIND is h (the hidden state a
+                       forward's; in eval mode                layer passes on) or c (a cell state)
+held units             method `hold_units(hold)`, a context   the output layer's input held, by a hook
+                       manager: inside it forward and         (charlm.models.units)
+                       unit_trace keep hold = {layer:
+                       {unit: value}} at those values
 =====================  =====================================  ==========================================
 
 `capabilities(model)` is the one place that reads them; nothing else looks attributes up on a model.
@@ -30,11 +38,14 @@ parameters not decayed class attr `no_weight_decay`         (): weight decay goe
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from charlm.models.units import default_hold_units, default_unit_trace
 
 Sampling = Literal["stream", "random"]
 
@@ -59,10 +70,12 @@ class Capabilities:
     gate_openings: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None
     no_weight_decay: tuple[str, ...] = ()
     gate_trace: Callable[..., tuple[dict[str, torch.Tensor], Any]] | None = None
+    unit_trace: Callable[..., tuple[dict[str, torch.Tensor], Any]] | None = None
+    hold_units: Callable[[dict[str, dict[int, float]]], AbstractContextManager] | None = None
 
     def decays(self, name: str, param: torch.Tensor) -> bool:
         """Whether weight decay applies to the parameter called `name` (dotted, as named_parameters gives it)."""
-        return param.dim() >= 2 and name.rsplit(".", 1)[-1] not in self.no_weight_decay
+        return param.dim() >= 2 and not any(name == n or name.endswith("." + n) for n in self.no_weight_decay)
 
     @property
     def evaluation(self) -> str:
@@ -119,6 +132,8 @@ def capabilities(model: nn.Module | type) -> Capabilities:
         gate_openings=method("gate_openings"),
         no_weight_decay=tuple(getattr(m, "no_weight_decay", ())),
         gate_trace=None if is_class else (method("gate_trace") or _no_gate_trace(m)),
+        unit_trace=None if is_class else (method("unit_trace") or default_unit_trace(m, embedding.num_embeddings)),
+        hold_units=None if is_class else (method("hold_units") or default_hold_units(m, embedding.num_embeddings)),
     )
 
 

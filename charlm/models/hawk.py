@@ -20,6 +20,7 @@ from torch import nn
 
 from charlm.models.layers import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive
 from charlm.models.scan import linear_scan
+from charlm.models.units import Site
 
 C = 8.0  # the paper's constant: a_t = a^(c r_t)
 
@@ -117,3 +118,9 @@ class HawkLM(ScanLM):
         width = rnn_width or math.ceil(4 * hidden_dim / 3)
         blocks = [HawkBlock(hidden_dim, width, mlp_mult, conv_width, dropout) for _ in range(num_layers)]
         self._build(vocab_size, hidden_dim, blocks, RMSNorm(hidden_dim), dropout, tie_weights)
+
+    def unit_sites(self) -> dict[str, Site]:
+        """The units: each layer's RG-LRU state h (B, T, W). Its channels never mix in the recurrence (the
+        gates read the input only), so holding one from the RG-LRU's output on holds it through the scan,
+        and in the carried state."""
+        return {f"layer{i}/h": Site(block.rec.lru) for i, block in enumerate(self.blocks)}

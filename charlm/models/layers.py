@@ -14,6 +14,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from charlm.models import native
+from charlm.models.units import Hold, Site, hold_sites, site_trace
 
 
 class CausalConv(nn.Module):
@@ -131,6 +132,21 @@ class ScanLM(nn.Module):
             for m, mode in modes:
                 m.training = mode
         return {f"layer{i}/retain": p.float() for i, p in enumerate(probe)}, state
+
+    def unit_sites(self) -> dict[str, Site]:
+        """Where each layer's units live, {"layer{i}/h": Site}: a subclass names them (charlm.models.units)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def unit_trace(self, idx: torch.Tensor, state=None):
+        """The contract's unit hook: ({"layer{i}/h": (B, T, U)} at the sites `unit_sites` names, the carried
+        state), in eval mode, then every module's mode put back."""
+        acts, (_, state) = site_trace(self, self.unit_sites(), lambda: self._run(idx, state, None))
+        return acts, state
+
+    def hold_units(self, hold: Hold):
+        """The contract's held units: a context inside which the sites' held units keep their values."""
+        return hold_sites(self.unit_sites(), hold)
 
 
 def check_positive(**values) -> None:

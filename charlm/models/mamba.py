@@ -20,6 +20,7 @@ from torch import nn
 
 from charlm.models.layers import CausalConv, RMSNorm, ScanLM, check_dropout, check_positive
 from charlm.models.selective import selective_scan
+from charlm.models.units import Site
 
 
 class SelectiveSSM(nn.Module):
@@ -106,3 +107,8 @@ class MambaLM(ScanLM):
         with torch.no_grad():  # the paper's prenorm rescale: each residual output by 1/sqrt(num_layers)
             for block in blocks:
                 block.mixer.out_proj.weight /= math.sqrt(num_layers)
+
+    def unit_sites(self) -> dict[str, Site]:
+        """The units: the residual stream after each block (B, T, D), as for the transformer (the scan state is
+        E x N numbers per channel, none of them a unit a reader downstream sees alone)."""
+        return {f"layer{i}/h": Site(block) for i, block in enumerate(self.blocks)}

@@ -19,6 +19,7 @@ from torch import nn
 
 from charlm.models.layers import ScanLM, check_dropout, check_positive
 from charlm.models.scan import g, log_g, positive_gated_scan, positive_scan
+from charlm.models.units import Site
 
 
 class MinLogCell(nn.Module):
@@ -126,3 +127,8 @@ class MinGRULM(ScanLM):
         super().__init__()
         blocks = min_blocks(self.cell_class, hidden_dim, num_layers, dropout, expansion, mlp_mult)
         self._build(vocab_size, hidden_dim, blocks, nn.LayerNorm(hidden_dim), dropout, tie_weights)
+
+    def unit_sites(self) -> dict[str, Site]:
+        """The units: each layer's scan state h (B, T, E), the cell's output. Its channels never mix in the
+        recurrence, so holding one from its output on is holding it through the scan."""
+        return {f"layer{i}/h": Site(block.cell) for i, block in enumerate(self.blocks)}

@@ -8,12 +8,15 @@ cells.py (`PY_CELLS`); BiRNNLM (birnn.py) adds a second, backward stack.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from charlm.models.units import Hold, fixer
 
 TORCH_RNNS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -54,6 +57,40 @@ def _layer_states(cell: str, stack: nn.Module, state) -> list:
     return [(h[k], None if c is None else c[k]) for k in range(n)]
 
 
+def _cell_step(cell: str, w: tuple, xp_t: torch.Tensor, h: torch.Tensor, c: torch.Tensor, relu: bool = False,
+               fix_c: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """One step of `cell` from the layer's projected input xp_t (B, G*H) and its h, c (B, H), recomputed
+    from the weights w = (weight_ih, weight_hh, bias_ih, bias_hh) in PyTorch's gate layout: (h, c, keep),
+    keep the memory gate's opening (B, H), None for rnn. `fix_c` (held units) applies to c before h reads it."""
+    w_ih, w_hh, b_ih, b_hh = w
+    H = w_hh.shape[1]
+    if cell == "lstm":
+        i, f, g, o = (xp_t + F.linear(h, w_hh, b_hh)).chunk(4, -1)          # 4 x (B, H)
+        f = torch.sigmoid(f)
+        c = f * c + torch.sigmoid(i) * torch.tanh(g)
+        c = fix_c(c) if fix_c else c
+        return torch.sigmoid(o) * torch.tanh(c), c, f
+    if cell == "gru":
+        xr, xz, xn = xp_t.chunk(3, -1)
+        hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, -1)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + torch.sigmoid(xr + hr) * hn)
+        return n + z * (h - n), c, z
+    if cell == "gru_tanh_out":
+        xr, xz, xc = xp_t.chunk(3, -1)
+        hr, hz = F.linear(h, w_hh[: 2 * H]).chunk(2, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        c = c + z * (xc + F.linear(r * h, w_hh[2 * H :]) - c)
+        c = fix_c(c) if fix_c else c
+        return torch.tanh(c), c, 1 - z
+    if cell == "gru_single_gate":
+        xg, xn = xp_t.chunk(2, -1)
+        g = torch.sigmoid(xg + F.linear(h, w_hh[:H]))
+        return h + g * (torch.tanh(xn + F.linear(g * h, w_hh[H:])) - h), c, 1 - g
+    pre = xp_t + F.linear(h, w_hh, b_hh)                                     # rnn: (B, H)
+    return (torch.relu(pre) if relu else torch.tanh(pre)), c, None
+
+
 @torch.no_grad()
 def retain_trace(cell: str, stack: nn.Module, x: torch.Tensor, state=None) -> dict[str, torch.Tensor]:
     """Opening of each layer's memory gate at every position of x (B, T, E), averaged over units and
@@ -63,43 +100,53 @@ def retain_trace(cell: str, stack: nn.Module, x: torch.Tensor, state=None) -> di
     if cell == "rnn":
         return {}
     out = {}
-    for k, ((w_ih, w_hh, b_ih, b_hh), (h0, c0)) in enumerate(zip(layer_weights(stack),
-                                                                  _layer_states(cell, stack, state))):
-        H = w_hh.shape[1]
-        h = x.new_zeros(x.shape[0], H) if h0 is None else h0
+    for k, (w, (h0, c0)) in enumerate(zip(layer_weights(stack), _layer_states(cell, stack, state))):
+        h = x.new_zeros(x.shape[0], w[1].shape[1]) if h0 is None else h0
         c = h.clone() if c0 is None else c0
-        xp = F.linear(x, w_ih, b_ih)                                          # (B, T, G*H)
+        xp = F.linear(x, w[0], w[2])                                          # (B, T, G*H)
         keep, hs = [], []
         for t in range(x.shape[1]):
-            if cell == "lstm":
-                i, f, g, o = (xp[:, t] + F.linear(h, w_hh, b_hh)).chunk(4, -1)
-                f = torch.sigmoid(f)
-                c = f * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                keep.append(f.mean(-1))
-            elif cell == "gru":
-                xr, xz, xn = xp[:, t].chunk(3, -1)
-                hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, -1)
-                z = torch.sigmoid(xz + hz)
-                n = torch.tanh(xn + torch.sigmoid(xr + hr) * hn)
-                h = n + z * (h - n)
-                keep.append(z.mean(-1))
-            elif cell == "gru_tanh_out":
-                xr, xz, xc = xp[:, t].chunk(3, -1)
-                hr, hz = F.linear(h, w_hh[: 2 * H]).chunk(2, -1)
-                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-                c = c + z * (xc + F.linear(r * h, w_hh[2 * H :]) - c)
-                h = torch.tanh(c)
-                keep.append((1 - z).mean(-1))
-            else:  # gru_single_gate
-                xg, xn = xp[:, t].chunk(2, -1)
-                g = torch.sigmoid(xg + F.linear(h, w_hh[:H]))
-                h = h + g * (torch.tanh(xn + F.linear(g * h, w_hh[H:])) - h)
-                keep.append((1 - g).mean(-1))
+            h, c, opening = _cell_step(cell, w, xp[:, t], h, c)
+            keep.append(opening.mean(-1))
             hs.append(h)
         x = torch.stack(hs, 1)                                                # (B, T, H): next layer's input
         out[f"layer{k}/{'forget' if cell == 'lstm' else 'retain'}"] = torch.stack(keep, 1)  # (B, T)
     return out
+
+
+CELL_STATE = ("lstm", "gru_tanh_out")  # the cells with a cell state c besides h
+
+
+def unit_steps(cell: str, stack: nn.Module, x: torch.Tensor, state=None, hold: Hold | None = None):
+    """The stack over x (B, T, E) step by step from the weights, from `state`, with the units of `hold`
+    ({"layer{i}/h" or "layer{i}/c": {unit: value}}) fixed as they are computed. Returns (the last layer's
+    h (B, T, H), {"layer{i}/h": (B, T, H), and "layer{i}/c" for the cells with one}, the state in the
+    stack's own form). Runs as in eval mode: no dropout between layers."""
+    hold = hold or {}
+    relu = getattr(stack, "nonlinearity", "tanh") == "relu"
+    acts, last = {}, []
+    for k, (w, (h0, c0)) in enumerate(zip(layer_weights(stack), _layer_states(cell, stack, state))):
+        h = x.new_zeros(x.shape[0], w[1].shape[1]) if h0 is None else h0
+        c = h.clone() if c0 is None else c0
+        fix_h, fix_c = (fixer(hold[n], h) if n in hold else None for n in (f"layer{k}/h", f"layer{k}/c"))
+        xp = F.linear(x, w[0], w[2])                                          # (B, T, G*H)
+        hs, cs = [], []
+        for t in range(x.shape[1]):
+            h, c, _ = _cell_step(cell, w, xp[:, t], h, c, relu, fix_c)
+            h = fix_h(h) if fix_h else h
+            hs.append(h)
+            cs.append(c)
+        x = torch.stack(hs, 1)                                                # (B, T, H): next layer's input
+        acts[f"layer{k}/h"] = x
+        if cell in CELL_STATE:
+            acts[f"layer{k}/c"] = torch.stack(cs, 1)                          # (B, T, H)
+        last.append((h, c))
+    if hasattr(stack, "layers"):  # CellStack: one h or (h, c) per layer
+        state = tuple((h, c) if cell in CELL_STATE else h for h, c in last)
+    else:  # cuDNN: h or (h, c), each (L, B, H)
+        h, c = (torch.stack(s) for s in zip(*last))
+        state = (h, c) if cell == "lstm" else h
+    return x, acts, state
 
 
 def retain_gates(cell: str, stack: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -141,9 +188,14 @@ class RecurrentLM(nn.Module):
         if cell == "lstm" and forget_bias:
             init_forget_bias(self.rnn, forget_bias)
 
+    _hold: Hold | None = None  # set inside hold_units: forward then steps through the stack, those units fixed
+
     def forward(self, idx: torch.Tensor, state=None):
         x = self.embed(idx)                # (B, T, E)
-        out, state = self.rnn(x, state)    # (B, T, H)
+        if self._hold is None:
+            out, state = self.rnn(x, state)    # (B, T, H)
+        else:                              # held units: step by step from the weights
+            out, _, state = unit_steps(self.cell, self.rnn, x, state, self._hold)  # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)
         return logits, state
 
@@ -155,6 +207,26 @@ class RecurrentLM(nn.Module):
     def gate_trace(self, idx: torch.Tensor, state=None):
         """The contract's per-position hook: ({layer: (B, T) mean opening}, the state forward carries)."""
         return retain_trace(self.cell, self.rnn, self.embed(idx), state), self(idx, state)[1]
+
+    @torch.no_grad()
+    def unit_trace(self, idx: torch.Tensor, state=None):
+        """The contract's unit hook: ({"layer{i}/h": (B, T, H), and "layer{i}/c" for the LSTM and gru_tanh_out},
+        the state forward carries), step by step from the weights (`unit_steps`), held units fixed."""
+        _, acts, state = unit_steps(self.cell, self.rnn, self.embed(idx), state, self._hold)
+        return acts, state
+
+    @contextlib.contextmanager
+    def hold_units(self, hold: Hold) -> Iterator[None]:
+        """The contract's held units: inside, forward and unit_trace keep hold's units at their values."""
+        kinds = ("h", "c") if self.cell in CELL_STATE else ("h",)
+        names = {f"layer{k}/{kind}" for k in range(len(layer_weights(self.rnn))) for kind in kinds}
+        if set(hold) - names:
+            raise KeyError(f"no layer {sorted(set(hold) - names)}; the model has {sorted(names)}")
+        self._hold = dict(hold)
+        try:
+            yield
+        finally:
+            self._hold = None
 
 
 class RNNLM(RecurrentLM):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.models.units import Hold, Site, evaluating, hold_sites
+
 
 def sinusoidal_positions(block_size: int, n_embd: int) -> torch.Tensor:
     """Fixed sin/cos position table of "Attention is all you need", (block_size, n_embd)."""
@@ -149,14 +151,17 @@ class GPT(nn.Module):
             return self.wpe(torch.arange(start, start + T, device=device))  # (T, C)
         return self.pos_table[start : start + T]                           # (T, C)
 
-    def _step(self, idx: torch.Tensor, state: dict | None):
-        """Feed idx (B, T) after the cache, which must leave room: len(cache) + T <= block_size."""
+    def _step(self, idx: torch.Tensor, state: dict | None, probe: dict | None = None):
+        """Feed idx (B, T) after the cache, which must leave room: len(cache) + T <= block_size. `probe`
+        collects the residual stream after each block, {layer: [(B, T, C), ...]}."""
         L = 0 if state is None else state["idx"].size(1)
         x = self.drop(self.wte(idx) + self._positions(L, idx.size(1), idx.device))  # (B, T, C)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             cache = None if state is None else (state["k"][i], state["v"][i])
             x, (k, v) = block(x, cache)                                   # (B, T, C); k, v: (B, nh, L+T, hd)
+            if probe is not None:
+                probe.setdefault(f"layer{i}/h", []).append(x)
             ks.append(k)
             vs.append(v)
         logits = self.head(self.ln_f(x))                                  # (B, T, V)
@@ -164,12 +169,29 @@ class GPT(nn.Module):
         return logits, {"idx": seen, "k": ks, "v": vs}
 
     def forward(self, idx: torch.Tensor, state: dict | None = None):
+        return self._walk(idx, state, None)
+
+    def _walk(self, idx: torch.Tensor, state: dict | None, probe: dict | None):
+        """forward, with the residual streams of the new tokens (not those of a slide's rebuild) in `probe`."""
         outs = []
         while idx.size(1) > 0:
             if state is not None and state["idx"].size(1) >= self.block_size:  # full: slide the window
                 _, state = self._step(state["idx"][:, -(self.block_size // 2) :], None)
             room = self.block_size - (0 if state is None else state["idx"].size(1))
-            logits, state = self._step(idx[:, :room], state)              # (B, min(T, room), V)
+            logits, state = self._step(idx[:, :room], state, probe)       # (B, min(T, room), V)
             outs.append(logits)
             idx = idx[:, room:]
         return torch.cat(outs, 1), state                                  # (B, T, V)
+
+    @torch.no_grad()
+    def unit_trace(self, idx: torch.Tensor, state: dict | None = None):
+        """The contract's unit hook: ({"layer{i}/h": (B, T, C)}, the residual stream after each block, the KV
+        cache forward carries), in eval mode."""
+        probe: dict[str, list[torch.Tensor]] = {}
+        with evaluating(self):
+            _, state = self._walk(idx, state, probe)
+        return {k: torch.cat(p, 1).float() for k, p in probe.items()}, state
+
+    def hold_units(self, hold: Hold):
+        """The contract's held units: the residual stream after a block held, in every pass (a slide's too)."""
+        return hold_sites({f"layer{i}/h": Site(block) for i, block in enumerate(self.blocks)}, hold)
