@@ -136,7 +136,7 @@ class CharDataModule(L.LightningDataModule):
         self.path, self.name = path, name
         self.block_size, self.batch_size = block_size, batch_size
         self.eval_cfg = {"context_size": None, "streams": 8, "chunk": 256, "stride": None, "batch_size": 64,
-                         "max_chars": None}
+                         "max_chars": None, "final_max_chars": None}
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.sampling, self.errors, self.seed = sampling, errors, seed
         self.unit, self.published_size = unit, published_size  # published_size: the protocol's corpus length
@@ -204,11 +204,12 @@ class CharDataModule(L.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_eval(self, context_size: int | None = None, streams: int = 8, chunk: int = 256,
-                       stride: int | None = None, batch_size: int = 64, max_chars: int | None = None, **_) -> None:
+                       stride: int | None = None, batch_size: int = 64, max_chars: int | None = None,
+                       final_max_chars: int | None = None, **_) -> None:
         """How the yardstick scores the val/test split (`charlm.yardstick`): `context_size` None for
         streams with the state carried, else a sliding window of that many characters."""
         self.eval_cfg = {"context_size": context_size, "streams": streams, "chunk": chunk, "stride": stride,
-                         "batch_size": batch_size, "max_chars": max_chars}
+                         "batch_size": batch_size, "max_chars": max_chars, "final_max_chars": final_max_chars}
 
     def eval_ids(self, split: str, whole: bool = False) -> torch.Tensor:
         """The characters the yardstick scores: the split, or its first `eval.max_chars` (unless `whole`)."""
@@ -216,12 +217,21 @@ class CharDataModule(L.LightningDataModule):
         n = None if whole else self.eval_cfg["max_chars"]
         return ids[:n] if n else ids
 
-    def eval_dataset(self, split: str = "val", rank: int = 0, world: int = 1, whole: bool = False):
+    def final_ids(self, split: str = "val") -> torch.Tensor:
+        """The characters the end-of-run figure reads: the whole split, or with eval.final_max_chars = N its
+        first N + 1 (N scored: the first character has nothing before it to be scored from)."""
+        ids = self.splits[split]
+        n = self.eval_cfg.get("final_max_chars")
+        return ids[: n + 1] if n else ids
+
+    def eval_dataset(self, split: str = "val", rank: int = 0, world: int = 1, whole: bool = False,
+                     final: bool = False):
         """The yardstick's batches over `split`; under DDP each rank its own streams or windows. `whole`:
-        the entire split, whatever eval.max_chars (which bounds the validations during training)."""
+        the entire split, whatever eval.max_chars (which bounds the validations during training); `final`:
+        what the end-of-run figure scores (`final_ids`)."""
         c = self.eval_cfg
-        return eval_dataset(self.eval_ids(split, whole), c["context_size"], c["streams"], c["chunk"], c["stride"],
-                            c["batch_size"], rank, world)
+        ids = self.final_ids(split) if final else self.eval_ids(split, whole)
+        return eval_dataset(ids, c["context_size"], c["streams"], c["chunk"], c["stride"], c["batch_size"], rank, world)
 
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)

@@ -42,6 +42,7 @@ class EvalConfig:
     stride: Optional[int] = None
     batch_size: int = 64
     max_chars: Optional[int] = None
+    final_max_chars: Optional[int] = None
     window: int = 256
     window_batches: int = 20
 
@@ -189,6 +190,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.stride": (_pos, ">= 1 (or null: half the context)"),
     "eval.batch_size": (_pos, ">= 1"),
     "eval.max_chars": (lambda v: v >= 2, ">= 2 (or null: the whole split)"),
+    "eval.final_max_chars": (_pos, ">= 1 (or null: the whole split)"),
     "eval.window": (lambda v: v >= 1, ">= 1"),
     "eval.window_batches": (_nonneg, ">= 0 (0 skips the nanoGPT-style figure)"),
     "trainer.devices": (lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= -1) or v == "auto"

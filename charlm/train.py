@@ -71,20 +71,24 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def evaluate_best(built: Built, best_path: str, cfg: DictConfig) -> dict:
-    """The best checkpoint on the yardstick (exact, over the whole val split: eval.max_chars bounds only the
-    validations during training) and the nanoGPT-style window figure; the model that produced them."""
+    """The best checkpoint on the yardstick (exact, over the whole val split, or its first eval.final_max_chars
+    characters: a partial figure, said so; eval.max_chars bounds only the validations during training) and the
+    nanoGPT-style window figure; the model that produced them. A progress bar counts the characters scored."""
     t0 = time.perf_counter()
     best = load_charlm(best_path, trusted=command_targets(cfg))
     device = built.module.device
     model = best.model.to(device).eval()
-    batches = built.dm.eval_dataset("val", whole=True)
-    rows, counts = score_rows(model, batches, device)
+    batches = built.dm.eval_dataset("val", final=True)
+    whole = len(built.dm.splits["val"]) - 1  # what the whole split scores: every character but the first
+    bound = f" (first {batches.targets:,} of {whole:,} val chars)" if batches.targets < whole else ""
+    rows, counts = score_rows(model, batches, device, progress="final evaluation" + bound)
     total, chars = float(rows.sum()), int(counts.sum())
     loss = total / max(chars, 1)
     c = built.dm.eval_cfg
     out = {"loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(min(loss, 700.0)),
            "protocol": protocol(c["context_size"], c["streams"], c["chunk"], c["stride"], chars), "model": best,
-           "stream_losses": stream_means(batches, rows, counts)}
+           "stream_losses": stream_means(batches, rows, counts),
+           "partial": chars < whole, "scored_chars": chars, "total_chars": whole}
     if cfg.eval.window_batches:
         window = min(cfg.eval.window, c["context_size"] or cfg.eval.window)
         out["window"] = window_loss(model, built.dm.eval_ids("val", whole=True), window, cfg.eval.window_batches,
@@ -128,6 +132,9 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
         "best_step": best_step,
         "protocol": ev["protocol"],
         "stream_losses": ev["stream_losses"],
+        "partial": ev["partial"],  # eval.final_max_chars: scored_chars of the total_chars val characters
+        "scored_chars": ev["scored_chars"],
+        "total_chars": ev["total_chars"],
         "last_val_loss": finite(float(last_val)) if last_val is not None else None,
         "window_val_loss": finite(window.get("loss")),
         "window_val_bpc": finite(window.get("bpc")),
@@ -165,6 +172,9 @@ def report(results: dict, run_dir: Path) -> None:
     unit = unit_label(results.get("unit", "char"))
     print(f"val {results['best_val_loss']:.4f} nats, {results['best_val_bpc']:.4f} {unit} on the yardstick "
           f"({p['text']})")
+    if results.get("partial"):
+        print(f"partial: scored the first {results['scored_chars']:,} of {results['total_chars']:,} val characters "
+              "(eval.final_max_chars): it does not compare with whole-split figures")
     if results["window_val_loss"] is not None:
         print(f"nanoGPT-style: {results['window_val_loss']:.4f} nats (random {results['window_protocol']['window']}"
               f"-char windows, empty state)")
@@ -205,11 +215,20 @@ def run(cfg: DictConfig, run_dir: Path | None = None, model_name: str | None = N
             return {}
         results = results_of(built, cfg, run_dir, resume, started)
         write_json(run_dir / "results.json", results)
+        summarize_wandb(built, results)
         report(results, run_dir)
         explain_run(cfg, built, results, run_dir)  # explain.n_chars > 0: the page, logged before W&B closes
     finally:
         finish_wandb(built, failed=sys.exc_info()[0] is not None)
     return results
+
+
+def summarize_wandb(built: Built, results: dict) -> None:
+    """The final figure in the W&B run's summary, saying whether it scored the whole val split."""
+    keys = ("best_val_loss", "best_val_bpc", "partial", "scored_chars", "total_chars")
+    for lg in built.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.summary.update({k: results[k] for k in keys})
 
 
 def finish_wandb(built: Built, failed: bool) -> None:

@@ -133,23 +133,36 @@ def _tree_to(state, device):
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, state)
 
 
+def progress_bar(what: str, total: int | None):
+    """A bar counting the characters scored of `total` (tqdm, as Lightning's bar), on stderr."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="char", unit_scale=True, mininterval=1.0, dynamic_ncols=True)
+
+
 @torch.no_grad()
-def score_rows(model: torch.nn.Module, batches, device: torch.device | str = "cpu"):
+def score_rows(model: torch.nn.Module, batches, device: torch.device | str = "cpu", progress: str | None = None):
     """Per-row sums of nats and counts of scored characters over the yardstick batches, the state carried
-    between them unless `reset`. For `EvalStreams` a row is a stream. The model must be in eval mode."""
+    between them unless `reset`. For `EvalStreams` a row is a stream. The model must be in eval mode.
+    `progress`: show a bar with this label, counting the characters scored of those the batches hold."""
     row_total = row_count = None
     state = None
+    bar = progress_bar(progress, getattr(batches, "targets", None)) if progress else None
     for x, y, reset in batches:
         x, y = x.to(device), y.to(device)
         logits, state = model(x, None if reset else state)                       # (B, T, V)
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                                reduction="none").view_as(y)                      # (B, T)
         t, c = nats.double().sum(1).cpu(), (y != IGNORE).sum(1).cpu()           # (B,) each
+        if bar is not None:
+            bar.update(int(c.sum()))
         if row_total is None or len(t) != len(row_total):  # (streams keep their rows; for windows only the sum counts)
             row_total = t if row_total is None else torch.cat([row_total, t])
             row_count = c if row_count is None else torch.cat([row_count, c])
         else:
             row_total, row_count = row_total + t, row_count + c
+    if bar is not None:
+        bar.close()
     if row_total is None:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     return row_total, row_count
