@@ -87,7 +87,8 @@ def test_errors_is_a_leaf():
 LEAVES = {"charlm.errors", "charlm.atomic", "charlm.rng", "charlm.split", "charlm.schemas", "charlm.schedule",
           "charlm.yardstick", "charlm.corpora"}
 BUILDER = {"charlm.build", "charlm.train"}
-ENTRY = {"charlm.report", "charlm.gradflow", "charlm.compare", "charlm.sweep", "charlm.sample", "charlm.evaluate"}
+ENTRY = {"charlm.report", "charlm.gradflow", "charlm.compare", "charlm.sweep", "charlm.sample", "charlm.evaluate",
+         "charlm.export"}
 LAYERS = ["leaves", "models", "core", "builder", "studies", "entry"]
 
 
