@@ -17,7 +17,7 @@ ATOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 # Options of a conf/model/NAME.yaml whose code paths the defaults do not take: "NAME:key=value,...".
-VARIANTS = ["transformer:norm=post", "transformer:pos=sinusoidal", "birnn:cell=gru,num_layers=2"]
+VARIANTS = ["transformer:norm=post", "transformer:pos=sinusoidal", "birnn:cell=gru,num_layers=2", "xlstm:pattern=ms"]
 
 
 def tiny(name: str, seq_len: int = 12) -> torch.nn.Module:

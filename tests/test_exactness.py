@@ -82,12 +82,16 @@ def test_declared_parameters_never_decay(name):
     for n, p in module.model.named_parameters():
         if n.endswith("A_log"):          # Mamba's state decay rates (the reference marks them no-decay)
             assert n in kept
+        elif name in ("slstm", "mlstm", "xlstm") and n == "embed.weight":  # xLSTM's reference: no decay
+            assert n in kept
         elif p.dim() >= 2:               # every other matrix decays, as before
             assert n in decaying
         else:                            # biases, norms, 1-D gates never did
             assert n in kept
     if name == "mamba":
         assert any(n.endswith("A_log") for n in kept)
+    if name == "xlstm":  # a name of two parts matches only those: the blocks' other weights still decay
+        assert "embed.weight" in kept and any(n.endswith(".weight") and n != "embed.weight" for n in decaying)
 
 
 def test_a_run_log_has_no_dependency_noise(tmp_path):

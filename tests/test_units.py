@@ -179,7 +179,7 @@ def test_hostile_text_in_the_units_view_stays_text(tmp_path):
 # ---- the contract: unit_trace and hold_units ----------------------------------------------------------
 
 FAMILIES = ["rnn", "lstm", "gru", "gru_tanh_out", "gru_single_gate", "birnn", "mingru", "minlstm", "hawk", "mamba",
-            "transformer"]
+            "transformer", "slstm", "mlstm", "xlstm"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
