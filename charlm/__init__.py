@@ -6,6 +6,7 @@ The small public API, for notebooks:
     module = charlm.load("outputs/.../checkpoints/best.ckpt")        # a CharLM (LightningModule)
     print(charlm.generate(module.model, module.vocab, "ROMEO:", 200)[0])
     model, vocab, hparams = charlm.load_model(path)                   # the nn.Module alone, no Lightning
+    model, vocab, hparams = charlm.load_model(folder)                 # the same from a charlm.export folder
 """
 
 from __future__ import annotations

@@ -80,6 +80,25 @@ def test_crafted_checkpoint_is_refused(crafted, tmp_path, command, attack):
     assert listing(tmp_path) == before  # nothing written: no page, no scores, no run folder
 
 
+@pytest.mark.parametrize("section, cfg, message", [
+    ("optim", {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": {"_target_": "os.getcwd"}},
+     "optim.lr._target_: a nested _target_"),
+    ("scheduler", {"_target_": "builtins.exec", "source": "1"}, "scheduler._target_=builtins.exec: not a scheduler"),
+])
+def test_resume_checks_optim_and_scheduler(crafted, tmp_path, section, cfg, message):
+    """A resumed checkpoint's optimizer and schedule configs are checked as its model's is."""
+    ckpt = torch.load(tmp_path / "good.ckpt", weights_only=True)
+    ckpt["hyper_parameters"][section] = cfg
+    torch.save(ckpt, tmp_path / "resume.ckpt")
+    before = listing(tmp_path)
+    ran = run_main("charlm.train", *TINY, f"ckpt_path={tmp_path / 'resume.ckpt'}", check=False)
+    assert ran.returncode == 2 and ran.stderr.strip() == f"error: {tmp_path / 'resume.ckpt'}: {message}" + (
+        " charlm registers (conf/scheduler/*.yaml or a charlm.schedule function); for a class of your own, name its "
+        "config folder: 'hydra.searchpath=[file://DIR]' with DIR/scheduler/NAME.yaml" if section == "scheduler"
+        else "; a config read from a file is data and names no code to run")
+    assert listing(tmp_path) == before
+
+
 def test_crafted_checkpoint_end_to_end(crafted):
     """The real command, in a fresh interpreter: one line, no traceback, exit status 2, the file intact."""
     ckpt, victim = crafted["nested"]
