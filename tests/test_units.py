@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -246,3 +247,33 @@ def test_the_default_traces_and_holds_what_the_output_layer_reads():
     x = torch.tanh(model.mix(model.embed(idx)))
     x[..., 1] = 0.5
     torch.testing.assert_close(logits, model.head(x))
+
+
+# ---- the report's study -------------------------------------------------------------------------------
+
+
+def test_study_finds_the_quote_unit_and_says_what_the_text_lacks():
+    from charlm.studies.units import markdown, study_model
+
+    m = study_model(quote_gru(), QVOCAB, QUOTED, ["quote", "caps"], "mean", 64, "cpu")
+    quote, caps = m["patterns"]["quote"], m["patterns"]["caps"]
+    assert (quote["layer"], quote["unit"]) == ("layer0/h", 3) and quote["r"] > 0.99 and m["units"] == H
+    assert quote["bpc"] > quote["bpc_base"] + 0.3                          # held at its mean, case is lost
+    assert caps == {"absent": f"no speaker name in capitals in the {len(QUOTED):,} characters explained"}
+    md = "\n".join(markdown({"ablate_to": "mean", "models": {"quote-gru": {"steps": 0, **m}}}))
+    assert re.search(rf"\| quote-gru \| 0 \| {len(QUOTED):,} \| quote \| layer0/h:3 of 8 \| \+(0\.99\d|1\.000) \|", md), md
+    assert "- caps: not measurable" in md and "- a unit at |r| >= 0.3: quote-gru quote (+" in md
+
+
+def test_study_on_the_tiny_preset_writes_its_figure_and_json(tmp_path):
+    from charlm.studies.units import markdown, units_study
+
+    cfg = compose("report", ["size=tiny", "device=cpu"])
+    study = units_study(cfg, cfg.presets.tiny, tmp_path)
+    written = json.loads((tmp_path / "units.json").read_text())
+    assert list(written["models"]) == ["lstm", "gru"] and (tmp_path / "units.png").stat().st_size > 0
+    for m in written["models"].values():
+        assert m["chars"] == 600 and "no double quote" in m["patterns"]["quote"]["absent"]
+        for p in ("line", "caps"):
+            assert -1 <= m["patterns"][p]["r"] <= 1 and len(m["patterns"][p]["values"]) == 240
+    assert "## Units that track the text" in "\n".join(markdown(study))

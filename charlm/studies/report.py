@@ -3,7 +3,8 @@
 Writes OUT_DIR/gradient_flow.png/json (charlm.studies.gradflow), clipping.png/json (experiment=clip_off vs
 clip_on, per-step loss and pre-clip gradient norm), memory_span.png/json (recall accuracy vs lag for
 each model trained on data=recall, over seeds, and the truncated-BPTT runs), gates.png/json (gate
-openings over training, lag-gradient curves, the forget-gate claim; charlm.studies.span_study) and REPORT.md,
+openings over training, lag-gradient curves, the forget-gate claim; charlm.studies.span_study), units.png/json
+(the units of the default LSTM and GRU that track quotes, the column, speaker names; charlm.studies.units) and REPORT.md,
 which shows the figures and the numbers. Models: `models` in conf/report.yaml, those with a
 conf/model/NAME.yaml. Sizes come from `presets.SIZE` (`cpu`: 9-13 min on a quiet 2-core CPU;
 `tiny`: ~15 s).
@@ -142,7 +143,7 @@ def _ratio(curve: list[float], k: int) -> str:
 
 
 def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict, seconds: dict,
-                   context: list[str] | None = None) -> None:
+                   context: list[str] | None = None, units: list[str] | None = None) -> None:
     """REPORT.md: how and where it was made, the figures, and their numbers as tables."""
     T = gf["seq_len"]
     lags = sorted({min(10, T - 1), T // 2, T - 1})
@@ -175,6 +176,8 @@ def write_markdown(cfg: DictConfig, out: Path, gf: dict, clip: dict, span: dict,
     md += ["", *markdown(span)]
     if context:
         md += ["", *context]
+    if units:
+        md += ["", *units]
     write_atomic(out / "REPORT.md", "\n".join(md) + "\n")
 
 
@@ -215,8 +218,15 @@ def _job(cfg: DictConfig) -> None:
     clip = clipping_study(cfg, preset, out)
     seconds["clipping"], t0 = time.perf_counter() - t0, time.perf_counter()
     span = memory_span_study(cfg, preset, out, models)
-    seconds["memory span"] = time.perf_counter() - t0
-    write_markdown(cfg, out, gf, clip, span, seconds, context)
+    seconds["memory span"], t0 = time.perf_counter() - t0, time.perf_counter()
+    units = None
+    if preset.get("units"):  # the units that track the text (charlm.studies.units)
+        from charlm.studies.units import markdown as units_markdown
+        from charlm.studies.units import units_study
+
+        units = units_markdown(units_study(cfg, preset, out))
+        seconds["units"] = time.perf_counter() - t0
+    write_markdown(cfg, out, gf, clip, span, seconds, context, units)
     print(f"report: wrote {out}/REPORT.md in {sum(seconds.values()) / 60:.1f} min")
 
 
