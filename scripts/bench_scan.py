@@ -93,11 +93,12 @@ def selective_loop(dt, A, Bt, Ct, u):
 
 
 def blocks(B: int, T: int, device: str = "cpu") -> list[tuple[str, str, object, object, list[torch.Tensor]]]:
-    """(name, shape, parallel, loop, inputs) for the first block of each model built from its YAML."""
+    """(name, shape, parallel, loop, inputs) for the first block of each model built from its YAML (the sLSTM's
+    "parallel" side is its fused loop over time, the mLSTM's its chunkwise-parallel form)."""
     from hydra.utils import instantiate
 
     out = []
-    for name in ("mingru", "minlstm", "hawk", "mamba"):
+    for name in ("mingru", "minlstm", "hawk", "mamba", "slstm", "mlstm"):
         torch.manual_seed(0)
         model = instantiate(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), vocab_size=65).to(device)
         block, D = model.blocks[0], model.embed.embedding_dim

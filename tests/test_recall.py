@@ -328,7 +328,7 @@ def test_report_tiny_end_to_end(tmp_path):
     span_json = json.loads((out / "memory_span.json").read_text())
     task = span_json["task"]
     assert task["lags"] == [0, 2, 8, 24] and task["thresholds"] == [0.9, 0.5] and task["seeds"] == [1337, 1338]
-    wanted = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "hawk", "mamba"]
+    wanted = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm", "hawk", "mamba", "slstm", "mlstm", "xlstm"]
     expected = [m for m in wanted if (CONF / "model" / f"{m}.yaml").exists()]
     assert list(span_json["models"]) == expected
     for name, m in span_json["models"].items():

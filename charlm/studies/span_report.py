@@ -16,6 +16,10 @@ CLAIMS = {
     "transformer": ("its window: all of it, nothing beyond", "window"),
     **{m: ("512+: the gradient through time is a product of gates kept near 1", ">=512")
        for m in ("mingru", "minlstm", "hawk", "mamba")},
+    "slstm": ("at least the LSTM's ~100: exponential input gates revise what is stored rather than shorten "
+              "memory (Beck et al. 2024)", ">=100"),
+    **{m: ("512+: a matrix memory behind forget gates started near 1, no memory mixing (Beck et al. 2024)", ">=512")
+       for m in ("mlstm", "xlstm")},
 }
 
 
