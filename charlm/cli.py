@@ -118,6 +118,49 @@ def compose_or_exit(config_name: str, overrides: list[str]) -> DictConfig:
         sys.exit(2)
 
 
+def checked_config(config_name: str, argv: list[str], check: Callable[[DictConfig], None] | None = None
+                   ) -> DictConfig:
+    """The config one run's command line composes to, checked by `check`, with nothing written; a user
+    mistake is one line on stderr and exit status 2. What `hydra_main` does before it runs anything (the
+    tests put the documented commands through it)."""
+    cfg = compose_or_exit(config_name, argv)
+    with report_user_errors():
+        if check is not None:
+            check(cfg)
+    return cfg
+
+
+# Hydra launchers that come from a package extra: launcher -> (the plugin's module, the extra)
+LAUNCHER_EXTRAS = {"slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
+
+
+def missing_launcher(argv: list[str]) -> str | None:
+    """What is wrong with `hydra/launcher=NAME` when its plugin (a package extra) is not installed, else None."""
+    import importlib.util
+
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key.lstrip("+~") != "hydra/launcher" or value not in LAUNCHER_EXTRAS:
+            continue
+        module, extra = LAUNCHER_EXTRAS[value]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its namespace package is missing too
+            found = False
+        if not found:
+            return (f"hydra/launcher={value} needs the {extra} extra: pip install -e '.[{extra}]' "
+                    f"({module.split('.')[-1].replace('_', '-')})")
+    return None
+
+
+def check_launcher(argv: list[str]) -> None:
+    """A launcher whose plugin is not installed: one line naming the extra and exit status 2 (instead of
+    Hydra's config search path)."""
+    if (problem := missing_launcher(argv)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def hydra_main(config_name: str, fn: Callable[[DictConfig], object], argv_hook: Callable[[list[str]], list[str]]
                | None = None, check: Callable[[DictConfig], None] | None = None,
                plan: Callable[[DictConfig, list[str]], list[str]] | None = None) -> None:
@@ -129,13 +172,11 @@ def hydra_main(config_name: str, fn: Callable[[DictConfig], object], argv_hook: 
     argv = sys.argv[1:]
     if argv_hook is not None:
         argv = argv_hook(argv)
-    multirun = any(a in ("-m", "--multirun") or a.startswith("-") for a in argv)
-    if not multirun:
-        cfg = compose_or_exit(config_name, argv)
-        with report_user_errors():
-            if check is not None:
-                check(cfg)
-            if plan is not None:
+    check_launcher(argv)
+    if not any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):  # Hydra's flags: it composes
+        cfg = checked_config(config_name, argv, check)
+        if plan is not None:
+            with report_user_errors():
                 argv = plan(cfg, argv)
     sys.argv = [sys.argv[0], *argv]
 

@@ -105,7 +105,7 @@ def test_chinese_corpus_with_thousands_of_characters(tmp_path):
     (["data.block_size=0"], ["data.block_size"]),
     (["model.dropout=1.0"], ["model.dropout"]),
     (["data.batch_size=many"], ["data.batch_size"]),
-    (["+data.unit=bits"], ["data.unit=bits", "char, byte"]),
+    (["data.unit=bits"], ["data.unit=bits", "char, byte"]),
     (["data.block_size=200000"], ["val split", "block_size"]),
 ])
 def test_bad_config(tmp_path, args, fragments):
