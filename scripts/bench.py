@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -187,6 +188,8 @@ def main() -> None:
     p.add_argument("--scan-repeats", type=int, default=7,
                    help="median of N scan timings, charlm and the loop taking turns (0: skip them)")
     p.add_argument("--encode-mb", type=float, default=100, help="corpus size for the encode timing (0: skip)")
+    p.add_argument("--large-mb", type=float, default=1000, help="corpus size for scripts/bench_corpus.py: encoding "
+                   "MB/s and peak RSS of an encoding run and a cached run, each a fresh process (0: skip)")
     p.add_argument("--out", default=str(ROOT / "bench"))
     a = p.parse_args()
     t_start = time.perf_counter()
@@ -266,6 +269,12 @@ def main() -> None:
             cold = {**cold, "CHARLM_CACHE": str(work / "cache-bytes")}  # a cold cache for the byte unit too
             res["data_bytes"] = run_child("encode", {"name": "corpus", "corpus": str(corpus), "mb": a.encode_mb,
                                                      "unit": "byte"}, work, cold)
+            write(res, out)
+        if a.large_mb > 0:  # a separate small parent, so that no child starts from this process's peak memory
+            print(f"bench: a {a.large_mb:g} MB corpus, encoded and cached (scripts/bench_corpus.py) ...", flush=True)
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_corpus.py"), "--mb", str(a.large_mb),
+                            "--work", str(work / "large"), "--json", str(work / "large.json")], check=True)
+            res["large_corpus"] = json.loads((work / "large.json").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if previous is not None and (change := largest_change(previous, res)):

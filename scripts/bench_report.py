@@ -117,6 +117,14 @@ def table(res: dict) -> str:
                       f"{d['encode_s']:.2f} s ({d['mb_per_s']:.1f} MB/s, peak RSS {d['peak_rss_mb']:.0f} MB, "
                       f"+{d['rss_growth_mb']:.0f} MB); prepared again in {d['prepare_again_s']:.2f} s; ids "
                       f"memory-mapped: {'yes' if d['memory_mapped'] else 'no'}."]
+    if g := res.get("large_corpus"):  # scripts/bench_corpus.py: each run a fresh process, its own peak
+        e, c, t = g["encode"], g["cached"], g.get("train")
+        train = (f"; charlm.train on it starts in {t['startup_s']:.1f} s, peak RSS {t['peak_rss_mb']:,.0f} MB"
+                 if t else "")
+        lines += ["", f"A {g['mb']:,.0f} MB corpus ({g['unit']}s, scripts/bench_corpus.py): encoded in "
+                  f"{e['prepare_s']:.1f} s ({e['mb_per_s']:.1f} MB/s), peak RSS {e['peak_rss_mb']:,.0f} MB; "
+                  f"a cached run prepared in {c['prepare_s']:.2f} s, its first batch {c['first_batch_s']:.1f} s "
+                  f"after start, peak RSS {c['peak_rss_mb']:,.0f} MB{train} (bound for 1 GB: {g['bound_mb']:,} MB)."]
     return "\n".join(lines) + "\n"
 
 

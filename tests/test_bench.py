@@ -27,6 +27,7 @@ def positive(d: dict, keys: list[str], where: str) -> None:
 def test_bench_writes_results_for_both_modes(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "tiny", "--steps", "3",
            "--models", "rnn,transformer", "--modes", "random,stream", "--sample-chars", "20", "--encode-mb", "1",
+           "--large-mb", "1",
            "--scan-shape", "2x8", "--scan-repeats", "1", "--explain-chars", "60", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,6 +58,9 @@ def test_bench_writes_results_for_both_modes(tmp_path):
         positive(s, ["parallel_ms", "loop_ms", "speedup"], s["what"])
     positive(res["data"], ["mb", "encode_s", "mb_per_s", "prepare_again_s", "peak_rss_mb"], "data")
     assert isinstance(res["data"]["memory_mapped"], bool)
+    for run in ("encode", "cached", "train"):
+        positive(res["large_corpus"][run], ["peak_rss_mb", "wall_s"], f"large_corpus.{run}")
+    assert "scripts/bench_corpus.py): encoded in" in md
     assert "Lowest ratio" in md and "charlm's scans (compiled C loops on a CPU" in md
     assert [e["chars"] for e in res["explain"]] == [60] and res["explain"][0]["seconds"] > 0
     assert "charlm.explain, two 1x384 LSTMs" in md

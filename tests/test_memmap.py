@@ -248,3 +248,21 @@ def test_the_wandb_summary_says_partial():
     results = {"best_val_loss": 1.5, "best_val_bpc": 2.16, "partial": True, "scored_chars": 1000, "total_chars": 9999}
     summarize_wandb(SimpleNamespace(loggers=[WandbLogger()]), results)
     assert WandbLogger.experiment.summary == results
+
+
+@pytest.mark.slow  # three fresh processes importing torch: ~30 s on 2 cores; make test-all runs it
+def test_bench_corpus_measures_an_encoding_run_and_a_cached_run(tmp_path):
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_corpus.py", "--mb", "2", "--train-steps", "2",
+                           "--json", str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["encode"]["ids"] == 2_000_000 and res["encode"]["mb_per_s"] > 0
+    for run in ("encode", "cached", "train"):
+        assert 50 < res[run]["peak_rss_mb"] < 4000, run  # a real process's peak, in MB
+    if LINUX:
+        assert res["cached"]["ids_file"].endswith(".ids.npy")  # the cached run reads the map
+    assert "bound for a 1 GB corpus: peak RSS under 1,200 MB" in proc.stdout
