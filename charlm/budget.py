@@ -3,29 +3,28 @@
 - `trainer.max_steps=N`: progress p = step / N.
 - `budget.tokens=N`: a step run of ceil(N / (batch_size * block_size * world_size * accumulate_grad_batches))
   steps.
-- `budget.seconds=N`: Lightning's own Timer (`trainer.max_time`): wall time from the start of training,
-  validations included, saved in the checkpoint, so a resumed run continues the clock and ends at the same
-  total. p = elapsed / N. Start-up and the final exact evaluation happen outside the budget.
+- `budget.seconds=N` (N may have a fraction): Lightning's own Timer (`trainer.max_time`): wall time from the
+  start of training, validations included, saved in the checkpoint, so a resumed run continues the clock and
+  ends at the same total. p = elapsed / N. Start-up and the final exact evaluation happen outside the budget.
 
 One clock (`BudgetClock`) gives the schedule its progress and stops the run, so the LR reaches its floor
-exactly when the run ends. Validations are spread evenly over the budget (`budget.evals`), the last at its
-end. The progress bar (`BudgetBar`) counts the budget: seconds, or steps.
+exactly when the run ends. Under a budget it also decides when to validate: `budget.evals` validations
+spread evenly over the budget, exactly that many, the last at its end. Under DDP every decision is rank 0's:
+rank 0's elapsed seconds are broadcast once per step, so every rank applies the same LR, validates at the
+same steps and stops at the same step. The progress bar (`BudgetBar`) counts the budget: seconds, or steps.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 
 from charlm.errors import ConfigError
 
 MIN_SECONDS = 10  # below this, start-up and the first validation dominate: not a budget worth training
-
-
-def duration(seconds: float) -> str:
-    """Seconds as Lightning's DD:HH:MM:SS (whole seconds, at least 1)."""
-    s = max(1, int(round(seconds)))
-    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def tokens_per_step(batch_size: int, block_size: int, world_size: int = 1, accumulate: int = 1) -> int:
@@ -63,8 +62,9 @@ def trainer_overrides(cfg) -> dict:
     b = cfg.get("budget") or {}
     if b.get("seconds") is None:
         return {}
-    evals = b.get("evals") or 6
-    return {"max_time": duration(b.seconds), "max_steps": -1, "val_check_interval": duration(b.seconds / evals)}
+    evals = b.get("evals") or 6  # the clock decides when to validate (BudgetClock); Lightning's time mode keeps
+    return {"max_time": timedelta(seconds=float(b.seconds)), "max_steps": -1,  # checkpoints for validation ends
+            "val_check_interval": timedelta(seconds=float(b.seconds) / evals)}
 
 
 def apply_tokens(trainer: L.Trainer, cfg) -> None:
@@ -75,21 +75,44 @@ def apply_tokens(trainer: L.Trainer, cfg) -> None:
                               trainer.accumulate_grad_batches)
         trainer.fit_loop.epoch_loop.max_steps = steps_for_tokens(b.tokens, per)
     if b.get("seconds") is None and (b.get("tokens") is not None or b.get("evals") is not None):
-        evals = b.get("evals") or 6
+        evals = b.get("evals") or 6  # the steps are the clock's to pick (BudgetClock); Lightning's interval is moot
         trainer.val_check_interval = max(1, trainer.max_steps // evals)
 
 
+def spread_evals(cfg) -> int | None:
+    """The validations a budget spreads (budget.evals, 6 by default) under `budget.seconds`, `budget.tokens` or
+    `budget.evals`; None for a plain step run (Lightning's `val_check_interval`)."""
+    b = cfg.get("budget") or {}
+    if b.get("seconds") is None and b.get("tokens") is None and b.get("evals") is None:
+        return None
+    return int(b.get("evals") or 6)
+
+
 class BudgetClock(L.Callback):
-    """The one clock: progress in [0, 1] for the schedule, and the stop under a seconds budget.
+    """The one clock: progress in [0, 1] for the schedule, the stop under a seconds budget, and, under a
+    budget (`evals`), the steps that validate.
+
+    Under a seconds budget, progress and the stop read `shared_elapsed`: rank 0's Timer, broadcast to every
+    rank once per step (one float; nothing is sent in a one-process run). Each rank's own timer would let
+    the ranks apply different LRs, and stop or validate at different steps, which hangs on a collective.
+
+    Validations fall where progress crosses k / evals (k = 1 .. evals - 1), and the last when the run stops
+    at its end (Lightning validates at a stop): exactly `evals` (at most one a step). Lightning asks "validate
+    after this step?" in one place (the epoch loop's `_should_check_val_fx`); the clock answers it, from the
+    same shared figures on every rank.
 
     Its state (the horizon the run was started with, and the progress reached) is saved in the checkpoint;
     a resume on a longer horizon is an extension (charlm.schedule): the LR decays from where it was.
     """
 
-    def __init__(self, seconds: float | None = None):
-        self.seconds = seconds
+    def __init__(self, seconds: float | None = None, evals: int | None = None):
+        self.seconds = None if seconds is None else float(seconds)
+        self.evals = evals
         self.trainer: L.Trainer | None = None
         self.done = False
+        self.shared_elapsed = 0.0  # rank 0's training seconds at the last step's end (every rank)
+        self._next = 1  # the next validation: where progress reaches _next / evals
+        self._due = False
         self._loaded: dict | None = None
 
     # ---- progress ----------------------------------------------------------------------
@@ -97,6 +120,7 @@ class BudgetClock(L.Callback):
         return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None) if self.trainer else None
 
     def elapsed(self) -> float:
+        """This process's Timer: training seconds, validations included (the bar, results.json)."""
         timer = self._timer()
         return timer.time_elapsed("train") if timer is not None else 0.0
 
@@ -109,13 +133,47 @@ class BudgetClock(L.Callback):
         if self.trainer is None:
             return 0.0
         if self.seconds is not None:
-            return min(1.0, self.elapsed() / self.seconds)
+            return min(1.0, self.shared_elapsed / self.seconds)
         max_steps = self.trainer.max_steps
         return min(1.0, self.trainer.global_step / max_steps) if max_steps and max_steps > 0 else 0.0
+
+    def _share(self, trainer) -> None:
+        """shared_elapsed = rank 0's elapsed seconds, on every rank."""
+        elapsed = self.elapsed()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([elapsed], dtype=torch.float64, device=trainer.strategy.root_device)
+            torch.distributed.broadcast(t, src=0)
+            elapsed = float(t.item())
+        self.shared_elapsed = elapsed
+
+    def _crossed(self) -> int:
+        """How many of the evals points progress has reached (exactly, in steps, for a step budget)."""
+        if self.seconds is not None:
+            return int(self.shared_elapsed * self.evals / self.seconds)
+        max_steps = self.trainer.max_steps
+        return self.trainer.global_step * self.evals // max_steps if max_steps > 0 else 0
+
+    def _validate_now(self, lightning_decides):
+        """The epoch loop's question, answered by the clock: at a stop, Lightning's own answer (it validates
+        the last weights); otherwise whether progress has just crossed the next validation point."""
+        def validate_now(data_fetcher) -> bool:
+            return lightning_decides(data_fetcher) if self.trainer.should_stop else self._due
+        return validate_now
 
     # ---- Lightning hooks ---------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.trainer = trainer
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.seconds is not None:
+            self._share(trainer)  # a resumed run starts from its saved clock, on every rank alike
+        if self.evals:
+            loop = trainer.fit_loop.epoch_loop
+            loop._should_check_val_fx = self._validate_now(type(loop)._should_check_val_fx.__get__(loop))
+            self._next = self._crossed() + 1
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        vars(trainer.fit_loop.epoch_loop).pop("_should_check_val_fx", None)  # Lightning's own again
 
     def state_dict(self) -> dict:
         if self.trainer is None:
@@ -141,9 +199,16 @@ class BudgetClock(L.Callback):
         return old, new
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.seconds is not None and self.elapsed() >= self.seconds:
-            trainer.should_stop = True
-            self._finish(trainer)
+        if self.seconds is not None:
+            self._share(trainer)  # read by the next step's LR, and by the decisions below
+            if self.shared_elapsed >= self.seconds:
+                trainer.should_stop = True
+                self._finish(trainer)
+        if self.evals:
+            crossed = self._crossed()
+            self._due = self._next <= crossed and self._next < self.evals
+            if self._due:
+                self._next = crossed + 1
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.seconds is not None and trainer.should_stop or trainer.max_steps > 0 and \

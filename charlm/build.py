@@ -12,6 +12,7 @@ A parameter walks in at most three files: `conf/model/lstm.yaml` (hidden_dim: 25
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.atomic import atomic_path
-from charlm.budget import BudgetClock, apply_tokens, trainer_overrides
+from charlm.budget import BudgetClock, apply_tokens, spread_evals, trainer_overrides
 from charlm.callbacks import GateOpenings, GradFlowCallback, StopAt, TrainClock, ValidateAtEnd
 from charlm.checkpoint import read_checkpoint
 from charlm.data import CharDataModule
@@ -37,6 +38,9 @@ from charlm.vocab import CharVocab
 # Lightning 2.6's pytree helper (lightning/pytorch/utilities/_pytree.py) builds torch's LeafSpec, which
 # torch 2.10+ marks deprecated: one line in every run's log that no charlm user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# Lightning 2.6 advertises its cloud logger (litlogger) at the start of every run and every DDP rank's start.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in
+                                                                     record.getMessage())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -145,7 +149,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dm: CharDataModule, loggers:
             else {}
         callbacks.append(instantiate(entry, **kwargs, _convert_="all"))
     budget = cfg.get("budget") or {}
-    callbacks += [ValidateAtEnd(), TrainClock(), BudgetClock(budget.get("seconds")), *dm.callbacks()]
+    callbacks += [ValidateAtEnd(), TrainClock(), BudgetClock(budget.get("seconds"), spread_evals(cfg)), *dm.callbacks()]
     if cfg.get("gates_every"):
         callbacks.append(GateOpenings(every_n_val=int(cfg.gates_every)))
     if cfg.get("gradflow_every"):  # the gradient-flow curve every N validations (W&B plot + RUN_DIR/gradflow/)

@@ -1,6 +1,8 @@
 """Budgets and schedules on progress: the LR reaches its floor when the budget ends, a tokens budget is a
-stated number of steps, a resumed seconds budget ends at the same total, the progress bar counts the budget,
-every scheduler option runs on progress, an extended run never raises its LR, bad budgets are one line."""
+stated number of steps, a budget validates exactly budget.evals times (the last at its end), a seconds budget
+keeps its fraction of a second, a resumed seconds budget ends at the same total, the progress bar counts the
+budget, every scheduler option runs on progress, an extended run never raises its LR, bad budgets are one
+line, and two DDP ranks under a seconds budget keep one clock."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import csv
 import json
 import math
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY, run_cli
@@ -23,11 +26,22 @@ QUICK = [*TINY, "sample.n_chars=0", "eval.window_batches=0", "eval.max_chars=200
          "model.hidden_dim=16", "model.embed_dim=8"]
 
 
-def train(tmp_path, *overrides, name="run") -> dict:
+def train(tmp_path, *overrides, name="run", callbacks=()) -> dict:
     """A tiny in-process run; warmup_cosine (the default) gets a 2-step warmup."""
     warm = [] if any(o.startswith("scheduler=") for o in overrides) else ["scheduler.warmup_steps=2"]
     cfg = cli.compose("train", [*QUICK, *warm, *overrides])
-    return run(cfg, tmp_path / name, "lstm")
+    return run(cfg, tmp_path / name, "lstm", callbacks)
+
+
+class Validations(L.Callback):
+    """The step of every validation during training."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
 
 
 def lrs(run_dir) -> list[float]:
@@ -89,14 +103,25 @@ def test_tokens_budget_maps_to_the_stated_steps(tmp_path):
     assert r["final_lr"] == pytest.approx(LR / 250_000, rel=1e-6)
 
 
+def test_tokens_budget_validates_exactly_evals_times_the_last_at_the_end(tmp_path):
+    # 2560 tokens / 128 a step = 20 steps; 6 validations where step / 20 reaches k / 6: ceil(20 k / 6) for
+    # k = 1..5 (4, 7, 10, 14, 17), and the last at the end (20); an interval of 20 // 6 = 3 gave 7
+    seen = Validations()
+    r = train(tmp_path, "budget.tokens=2560", "budget.evals=6", callbacks=[seen])
+    assert r["steps"] == 20 and seen.steps == [4, 7, 10, 14, 17, 20]
+
+
 def test_seconds_budget_ends_at_the_floor_and_the_bar_counts_seconds(tmp_path):
-    cfg = cli.compose("train", [*QUICK, "scheduler.warmup_steps=2", "budget.seconds=10", "budget.evals=2"])
-    built = build(cfg, tmp_path, "lstm")
+    # 10.5 s, not 10 (Lightning's DD:HH:MM:SS has whole seconds): the fraction is kept
+    cfg = cli.compose("train", [*QUICK, "scheduler.warmup_steps=2", "budget.seconds=10.5", "budget.evals=2"])
+    seen = Validations()
+    built = build(cfg, tmp_path, "lstm", extra_callbacks=[seen])
     built.trainer.fit(built.module, datamodule=built.dm)
     clock, bar = built.callback(BudgetClock), built.callback(BudgetBar)
-    assert clock.elapsed() >= 10
-    assert bar.train_progress_bar.total == 10.0          # the bar's total is the budget, not a step limit
-    assert 0 < bar.train_progress_bar.n <= 10.0
+    assert clock.elapsed() >= 10.5 and clock.shared_elapsed >= 10.5
+    assert bar.train_progress_bar.total == 10.5          # the bar's total is the budget, not a step limit
+    assert 0 < bar.train_progress_bar.n <= 10.5
+    assert len(seen.steps) == 2 and seen.steps[-1] == built.trainer.global_step  # the last at the end
     assert built.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * 0.1, rel=1e-6)
     assert built.trainer.global_step > 0
 
@@ -144,3 +169,48 @@ def test_results_record_the_budget(tmp_path):
     assert saved["budget"] == {"kind": "tokens", "seconds": None, "tokens": 640, "evals": None, "max_steps": 5}
     assert saved["steps"] == 5 and saved["tokens"] == 640
     assert math.isfinite(saved["final_eval_seconds"]) and r["startup_seconds"] >= 0
+
+
+RANK_TRACE = '''
+import json
+from pathlib import Path
+
+import lightning as L
+
+
+class RankTrace(L.Callback):
+    """This rank's LR at every step, and its validation steps, in DIR/rankR.json at the end."""
+
+    def __init__(self, path):
+        self.path, self.lrs, self.vals = Path(path), [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]])
+
+    def on_validation_end(self, trainer, pl_module):
+        self.vals.append(trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module):
+        out = {"steps": trainer.global_step, "lrs": self.lrs, "vals": self.vals}
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+'''
+
+
+def test_two_ddp_ranks_keep_one_clock_and_a_clean_output(tmp_path):
+    """Under budget.seconds, each rank's own timer would give each its own LR and its own validation and
+    stop steps: rank 0's clock is shared, so both ranks apply the same LR at every step, validate at the same
+    steps (budget.evals of them) and stop at the same step. Lightning's advice and advertising stay out."""
+    (tmp_path / "rank_trace.py").write_text(RANK_TRACE)
+    proc = run_cli("charlm.train", "trainer=ddp_cpu", "logger=csv", "data.batch_size=8", "data.block_size=16",
+                   "eval.chunk=512", "eval.window_batches=0", "eval.max_chars=2000", "model.hidden_dim=16",
+                   "model.embed_dim=8", "sample.n_chars=0", "budget.seconds=10", "budget.evals=3",
+                   "callbacks.progress_bar=null", "++trainer.enable_progress_bar=false",
+                   "+callbacks.trace._target_=rank_trace.RankTrace", f"+callbacks.trace.path={tmp_path}",
+                   f"hydra.run.dir={tmp_path / 'run'}", env={"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert len(ranks[0]["vals"]) == 3 and ranks[0]["vals"] == ranks[1]["vals"]
+    assert ranks[0]["vals"][-1] == ranks[0]["steps"]
+    assert len(ranks[0]["lrs"]) == ranks[0]["steps"] and ranks[0]["lrs"] == ranks[1]["lrs"]  # exactly equal
+    out = proc.stdout + proc.stderr
+    assert "sync_dist" not in out and "litlogger" not in out, out[-3000:]

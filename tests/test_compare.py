@@ -168,7 +168,7 @@ def test_paired_statistics_on_hand_made_results(tmp_path):
     assert (c["paired_seeds"], c["seeds"], c["status"], c["vs_leader_mark"]) == ("2", "2/3", "failed", "")
     assert float(a["effective_context"]) == 50.0 and float(a["context_seconds"]) == 3.0
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "| a |" in md and "+0.1067 ± 0.0120 (+0.0550 to +0.1584) * | yes | 50 |" in md
+    assert "| a |" in md and "+0.1067 ± 0.0120 (+0.0550 to +0.1584) * | yes |" in md
     assert "+0.0100 ± 0.0173 (-0.0645 to +0.0845) | no |" in md and "Holm's correction across the 3 model(s)" in md
     assert "c: failed: diverged at step 3" in md and "start-up 2.0 s, exact evaluation 3.0 s" in md
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
