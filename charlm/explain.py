@@ -283,7 +283,7 @@ def explain_run(cfg: DictConfig, built, results: dict, run_dir: Path) -> None:
     t = trace(model.to(device), vocab, text, f"A: {_label(hp, results['best_ckpt'])}", cfg.eval.chunk,
               cfg.eval.stride, cfg.eval.batch_size, device)
     html, png = write_page(run_dir, text, [t], "val")
-    print(f"explain:    {html} ({t.bpc:.4f} bits/char on {len(t.losses):,} val chars)")
+    print(f"explain:    {html} ({t.bpc:.4f} {vocab.unit_label} on {len(t.losses):,} val {vocab.unit}s)")
     for lg in built.loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
