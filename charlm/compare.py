@@ -36,10 +36,11 @@ from charlm.config import check_sections
 from charlm.errors import ConfigError
 from charlm.leaderboard import _read, write_outputs
 from charlm.studies.compare_context import context_report, measure_context
+from charlm.studies.compare_dynamic import dynamic_report, dynamic_settings, measure_dynamic, pack_dynamic
 from charlm.train import check_config, finite, pick_trainer, run
 
 KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "context_seeds",
-        "hydra"}  # compare's own
+        "dynamic", "dynamic_args", "hydra"}  # compare's own
 
 
 @dataclass
@@ -62,6 +63,8 @@ class CompareTop:
     context: bool = True
     context_positions: int = 2000
     context_seeds: int = 1
+    dynamic: bool = False                                    # the dynamic-evaluation column (studies.compare_dynamic)
+    dynamic_args: List[str] = field(default_factory=list)   # its settings: the command line's dynamic.KEY=VALUE
 
 
 def _key(arg: str) -> str:
@@ -155,6 +158,8 @@ def selection(cfg: DictConfig) -> tuple[dict, list[str], list[int]]:
         raise ConfigError(f"context_positions={cfg.context_positions}: must be >= 1")
     if cfg.context_seeds < 1:
         raise ConfigError(f"context_seeds={cfg.context_seeds}: must be >= 1")
+    if cfg.dynamic:
+        dynamic_settings(list(cfg.dynamic_args))  # checked before anything trains
     recipes = load_recipes(str(cfg.recipes))
     known = known_models(recipes)
     models, seeds = list(cfg.models or []) or known, list(cfg.seeds)
@@ -273,20 +278,25 @@ def compare(cfg: DictConfig) -> None:
         measured = s in list(seeds)[: int(cfg.context_seeds)]  # the curve costs ~30-90 s a run on a CPU
         if cfg.context and measured and not (folder / "context.json").exists():
             measure_context(folder, train_cfg, int(cfg.context_positions))
+        if cfg.dynamic:  # every seed: the gain is paired seed by seed
+            measure_dynamic(folder, train_cfg, list(cfg.dynamic_args))
     with open_dict(cfg):
         cfg.recipes = str(recipe_path(str(cfg.recipes)))  # the leaderboard names the recipes actually used
     write_outputs(out, cfg, models, seeds)
     context = context_report(out, models, seeds)
-    print("\n" + (out / "leaderboard.md").read_text())
+    dynamic = dynamic_report(out, models, seeds) if cfg.dynamic else None
+    print("\n" + (out / "leaderboard.md").read_text() + ("\n" + dynamic if dynamic else ""))
     print(f"leaderboard: {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'curves.png'}"
-          + (f", {out / 'context.png'}, {out / 'context.md'}" if context else ""))
+          + (f", {out / 'context.png'}, {out / 'context.md'}" if context else "")
+          + (f", {out / 'dynamic.md'}, {out / 'dynamic.csv'}" if dynamic else ""))
     if failed:
         print(f"error: {failed} of {len(plans)} runs failed (see the leaderboard)", file=sys.stderr)
         sys.exit(1)
 
 
 def main() -> None:
-    cli.hydra_main("compare", compare, argv_hook=pack_args, check=check, plan=default_dir)
+    cli.hydra_main("compare", compare, argv_hook=lambda argv: pack_args(pack_dynamic(argv)), check=check,
+                   plan=default_dir)
 
 
 if __name__ == "__main__":

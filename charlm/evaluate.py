@@ -191,7 +191,8 @@ def dynamic_lines(out: dict, unit: str) -> list[str]:
         t = d["tuning"]
         lines.append(f"  tuned on the first {t['chars']:,} val chars ({len(t['grid'])} settings): chose lr "
                      f"{s['lr']:g}, decay {s['decay']:g} (" + ", ".join(
-                         f"{g['lr']:g}/{g['decay']:g}: {g['loss']:.4f}" for g in t["grid"]) + " nats)")
+                         f"{g['lr']:g}/{g['decay']:g}: " + ("diverged" if g["loss"] is None else f"{g['loss']:.4f}")
+                         for g in t["grid"]) + " nats)")
     return lines
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from charlm.checkpoint import save_model
 from charlm.cli import compose
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, DivergenceError
 from charlm.evaluate import evaluate
 from charlm.models.contract import build_model, capabilities
 from charlm.scoring import dynamic as dy
@@ -247,6 +247,21 @@ def test_a_negative_lr_ends_in_one_line_before_anything_runs(corpus_ckpt, tmp_pa
     assert ran.returncode == 2 and ran.stderr.strip() == "error: dynamic.lr=-0.1: must be >= 0 (or null: the " \
                                                          "method's default)"
     assert not (tmp_path / "e.json").exists()
+
+
+def test_a_diverged_pass_is_one_line_and_a_diverged_grid_point_is_never_chosen(monkeypatch):
+    model = lstm(10)
+    ids = torch.randint(0, 10, (201,), generator=torch.Generator().manual_seed(7))
+    honest = dy.dynamic_pass
+    monkeypatch.setattr(dy, "dynamic_pass", lambda m, b, u, device: (math.nan, honest(m, b, u, device)[1])
+                        if u.lr > 0.5 else honest(m, b, u, device))  # lr above 0.5 "diverges"
+    d = settings(method="sgd", segment=10, tune=True, tune_lr=[0.1, 1.0], tune_decay=[0.0])
+    out = dy.evaluate_dynamic(model, ids, d, tune_ids=ids[:101])
+    assert out["settings"]["lr"] == 0.1 and out["tuning"]["grid"][1]["loss"] is None
+    with pytest.raises(DivergenceError, match="dynamic.lr=1: dynamic evaluation diverged"):
+        dy.evaluate_dynamic(model, ids, settings(method="sgd", segment=10, lr=1.0))
+    with pytest.raises(DivergenceError, match="every grid point diverged"):
+        dy.evaluate_dynamic(model, ids, settings(method="sgd", segment=10, tune=True, tune_lr=[1.0]), tune_ids=ids)
 
 
 def test_a_segment_longer_than_the_window_is_refused():

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, DivergenceError
 from charlm.yardstick import IGNORE, eval_dataset, protocol, score
 
 
@@ -208,8 +208,11 @@ def tune(model, params, batches, d, rms, device) -> tuple[float, float, list[dic
     for lr in learning_rates(d)[1]:
         for decay in d.tune_decay:
             total, n = run_dynamic(model, params, batches, d.method, lr, decay, d.eps, rms, device)
-            grid.append({"lr": float(lr), "decay": float(decay), "loss": total / n})
-    best = min(grid, key=lambda g: g["loss"] if math.isfinite(g["loss"]) else math.inf)  # a diverged point loses
+            grid.append({"lr": float(lr), "decay": float(decay), "loss": total / n if math.isfinite(total) else None})
+    finite = [g for g in grid if g["loss"] is not None]  # a diverged point (loss None) is never chosen
+    if not finite:
+        raise DivergenceError("dynamic.tune_lr: every grid point diverged (non-finite loss); try smaller values")
+    best = min(finite, key=lambda g: g["loss"])
     return best["lr"], best["decay"], grid
 
 
@@ -241,6 +244,9 @@ def evaluate_dynamic(model: nn.Module, ids: torch.Tensor, d, train_ids: torch.Te
             lr, decay, grid = tune(model, params, segments(tune_ids, context, d.segment), d, rms, device)
         static_total, static_n = score(model, batches, device)
         total, n = run_dynamic(model, params, batches, d.method, lr, decay, d.eps, rms, device)
+        if not math.isfinite(total):
+            raise DivergenceError(f"dynamic.lr={lr:g}: dynamic evaluation diverged (non-finite loss); lower "
+                                  "dynamic.lr or raise dynamic.decay")
     finally:
         for p in frozen:
             p.requires_grad_(True)
