@@ -38,6 +38,9 @@ from charlm.vocab import CharVocab
 # Lightning 2.6's pytree helper (lightning/pytorch/utilities/_pytree.py) builds torch's LeafSpec, which
 # torch 2.10+ marks deprecated: one line in every run's log that no charlm user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# CharLM sums validation's figures over every rank before it logs them (on_validation_epoch_end), so
+# Lightning's advice under DDP to sync them again (`sync_dist=True`, once per figure) does not apply.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/")
 # Lightning 2.6 advertises its cloud logger (litlogger) at the start of every run and every DDP rank's start.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in
                                                                      record.getMessage())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 
 import lightning as L
 import torch
@@ -27,10 +26,6 @@ from charlm.models.contract import build_model, capabilities
 from charlm.rng import StepDraws, rng_state, set_rng_state
 from charlm.vocab import CharVocab
 from charlm.yardstick import IGNORE
-
-# Validation's figures are summed over every rank before they are logged (on_validation_epoch_end), so
-# Lightning's advice under DDP to sync them again (`sync_dist=True`, printed once per figure) does not apply.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/")
 
 
 def _detach(state):
