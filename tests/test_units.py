@@ -40,7 +40,7 @@ def quote_gru() -> RNNLM:
     g = torch.Generator().manual_seed(0)
     q = QVOCAB.stoi['"']
     rnn = model.rnn
-    r, z, n = slice(0, H), slice(H, 2 * H), slice(2 * H, 3 * H)   # PyTorch's GRU gate layout
+    r, z = slice(0, H), slice(H, 2 * H)                           # PyTorch's GRU gate layout: r, z, n
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -261,7 +261,8 @@ def test_study_finds_the_quote_unit_and_says_what_the_text_lacks():
     assert quote["bpc"] > quote["bpc_base"] + 0.3                          # held at its mean, case is lost
     assert caps == {"absent": f"no speaker name in capitals in the {len(QUOTED):,} characters explained"}
     md = "\n".join(markdown({"ablate_to": "mean", "models": {"quote-gru": {"steps": 0, **m}}}))
-    assert re.search(rf"\| quote-gru \| 0 \| {len(QUOTED):,} \| quote \| layer0/h:3 of 8 \| \+(0\.99\d|1\.000) \|", md), md
+    row = rf"\| quote-gru \| 0 \| {len(QUOTED):,} \| quote \| layer0/h:3 of 8 \| \+(0\.99\d|1\.000) \|"
+    assert re.search(row, md), md
     assert "- caps: not measurable" in md and "- a unit at |r| >= 0.3: quote-gru quote (+" in md
 
 
@@ -277,3 +278,21 @@ def test_study_on_the_tiny_preset_writes_its_figure_and_json(tmp_path):
         for p in ("line", "caps"):
             assert -1 <= m["patterns"][p]["r"] <= 1 and len(m["patterns"][p]["values"]) == 240
     assert "## Units that track the text" in "\n".join(markdown(study))
+
+
+def test_a_stack_names_layers_and_sources(tmp_path):
+    model = RNNLM(len(VOCAB), cell="lstm", embed_dim=8, hidden_dim=12, num_layers=2).eval()
+    cfg = {"_target_": "charlm.models.rnn.RNNLM", "cell": "lstm", "embed_dim": 8, "hidden_dim": 12, "num_layers": 2}
+    ckpt = save_model(tmp_path / "s.ckpt", model, cfg, VOCAB, "stack")
+
+    def units(**keys):
+        c = explain_cfg(ckpt_path=str(ckpt), text="ROMEO:\nBut soft!\nJULIET:\nO Romeo.\n" * 3,
+                        out=str(tmp_path / "o"), device="cpu", **{f"units.{k}": v for k, v in keys.items()})
+        check(c)
+        return explain(c)[0].units
+
+    assert {t.layer for t in units(find="caps", top=5, layer=1).top} == {"layer1/h"}
+    assert {t.layer for t in units(find="caps", top=16, source="c").top} <= {"layer0/c", "layer1/c"}
+    with pytest.raises(CharLMError, match=r"units.ablate=3: the model has layers 0, 1; write layer:unit"):
+        units(ablate=[3])
+    assert units(ablate=["1:3"], source="c").ablation.units == ["layer1/c:3"]

@@ -4,7 +4,7 @@ Writes OUT_DIR/gradient_flow.png/json (charlm.studies.gradflow), clipping.png/js
 clip_on, per-step loss and pre-clip gradient norm), memory_span.png/json (recall accuracy vs lag for
 each model trained on data=recall, over seeds, and the truncated-BPTT runs), gates.png/json (gate
 openings over training, lag-gradient curves, the forget-gate claim; charlm.studies.span_study), units.png/json
-(the units of the default LSTM and GRU that track quotes, the column, speaker names; charlm.studies.units) and REPORT.md,
+(the default LSTM's and GRU's units that track quotes, the column, speaker names; charlm.studies.units) and REPORT.md,
 which shows the figures and the numbers. Models: `models` in conf/report.yaml, those with a
 conf/model/NAME.yaml. Sizes come from `presets.SIZE` (`cpu`: 9-13 min on a quiet 2-core CPU;
 `tiny`: ~15 s).
