@@ -122,13 +122,15 @@ def test_mlstm_stabiliser_at_extreme_gates():
     """ĩ, f̃ at +-50: exp(50) would overflow a float32 memory within a few writes; the stabilised float32
     form stays finite, gradients too, and agrees with the float64 paper loop."""
     q, k, v, i_pre, f_pre = mlstm_inputs(40, seed=3)
-    i_pre, f_pre = 50 * torch.sign(i_pre), 50 * torch.sign(f_pre)
-    expected, _ = paper_mlstm(q, k, v, i_pre, f_pre)
-    leaves = [x.float().requires_grad_(True) for x in (q, k, v, i_pre, f_pre)]
-    h, (C, n, m) = mlstm_chunkwise(*leaves[:4], F.logsigmoid(leaves[4]), None, 16)
-    h.sum().backward()
-    assert all(torch.isfinite(x).all() for x in (h, C, n, m, *(x.grad for x in leaves)))
-    torch.testing.assert_close(h.double(), expected, atol=1e-4, rtol=1e-4)
+    random_signs = (50 * torch.sign(i_pre), 50 * torch.sign(f_pre))
+    writes_then_whispers = (torch.tensor([50.0] * 16 + [-50.0] * 24).expand_as(i_pre), torch.full_like(f_pre, 50))
+    for i_pre, f_pre in (random_signs, writes_then_whispers):  # the second: the carried m rules the next chunk
+        expected, _ = paper_mlstm(q, k, v, i_pre, f_pre)
+        leaves = [x.float().requires_grad_(True) for x in (q, k, v, i_pre, f_pre)]
+        h, (C, n, m) = mlstm_chunkwise(*leaves[:4], F.logsigmoid(leaves[4]), None, 16)
+        h.sum().backward()
+        assert all(torch.isfinite(x).all() for x in (h, C, n, m, *(x.grad for x in leaves)))
+        torch.testing.assert_close(h.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(CLASSES))

@@ -39,24 +39,21 @@ def mlstm_chunkwise(
     state: (C', n', m) before the first step (None: empty). `chunk` steps at a time in the quadratic form;
     chunk >= T is the fully parallel form, chunk = 1 the recurrence.
     """
-    B, NH, T, d = q.shape
+    T = q.shape[2]
     dtype = torch.promote_types(q.dtype, torch.float32)  # float32 also under autocast: sums of gated products
     q, k, v, i_pre, log_f = (x.to(dtype) for x in (q, k, v, i_pre, log_f))
-    if state is None:
-        C, n, m = q.new_zeros(B, NH, d, d), q.new_zeros(B, NH, d), q.new_full((B, NH), -math.inf)
-    else:
-        C, n, m = (s.to(dtype) for s in state)
+    carried = None if state is None else tuple(s.to(dtype) for s in state)
     outs = []
     with torch.autocast(q.device.type, enabled=False):
         for s in range(0, T, chunk):
-            h, (C, n, m) = _chunk(q[:, :, s : s + chunk], k[:, :, s : s + chunk], v[:, :, s : s + chunk],
-                                  i_pre[:, :, s : s + chunk], log_f[:, :, s : s + chunk], C, n, m)
+            h, carried = _chunk(q[:, :, s : s + chunk], k[:, :, s : s + chunk], v[:, :, s : s + chunk],
+                                i_pre[:, :, s : s + chunk], log_f[:, :, s : s + chunk], carried)
             outs.append(h)
-    return torch.cat(outs, 2), (C, n, m)                                # (B, NH, T, d)
+    return torch.cat(outs, 2), carried                                  # (B, NH, T, d)
 
 
-def _chunk(q, k, v, i_pre, log_f, C0, n0, m0):
-    """One chunk of L steps from (C0, n0, m0): with F_t = sum_{r<=t} log f_r inside the chunk,
+def _chunk(q, k, v, i_pre, log_f, carried):
+    """One chunk of L steps from carried = (C0', n0', m0) (None: empty): with F_t = sum_{r<=t} log f_r in it,
         C_t = exp(F_t + m0) C0' + sum_{s<=t} exp(F_t - F_s + ĩ_s) v_s k_s^T,
     each term divided by exp(m_t), m_t the largest of those exponents (the recurrence's own m_t)."""
     L = q.shape[2]
@@ -64,18 +61,24 @@ def _chunk(q, k, v, i_pre, log_f, C0, n0, m0):
     log_D = Fc.unsqueeze(-1) - Fc.unsqueeze(-2) + i_pre.unsqueeze(-2)   # (B, NH, L, L): [t, s]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     log_D = log_D.masked_fill(~causal, -math.inf)                       # (B, NH, L, L)
-    log_w = Fc + m0.unsqueeze(-1)                                       # (B, NH, L) weight of the carried C0'
     with torch.no_grad():  # the stabiliser: h~ is the same for any m, so no gradient flows through it
-        m = torch.maximum(log_w, log_D.amax(-1))                        # (B, NH, L)
+        m = log_D.amax(-1)                                              # (B, NH, L)
+        if carried is not None:
+            m = torch.maximum(m, Fc + carried[2].unsqueeze(-1))
     D = torch.exp(log_D - m.unsqueeze(-1))                              # (B, NH, L, L), entries in [0, 1]
-    w = torch.exp(log_w - m)                                            # (B, NH, L), in [0, 1]
     S = (q @ k.transpose(-1, -2)) * D                                   # (B, NH, L, L) decayed q_t . k_s
-    num = S @ v + w.unsqueeze(-1) * torch.einsum("bhtk,bhvk->bhtv", q, C0)   # (B, NH, L, d) C'_t q_t
-    qn = S.sum(-1) + w * torch.einsum("bhtk,bhk->bht", q, n0)           # (B, NH, L) n'_t . q_t
+    num, qn = S @ v, S.sum(-1)                                          # (B, NH, L, d) C'_t q_t, (B, NH, L) n'_t . q_t
+    last = D[:, :, -1].unsqueeze(-1)                                    # (B, NH, L, 1) weights at the chunk's end
+    C = (v * last).transpose(-1, -2) @ k                                # (B, NH, d, d) sum_s D[L, s] v_s k_s^T
+    n = (k * last).sum(-2)                                              # (B, NH, d)
+    if carried is not None:                                             # the carried memory, decayed to each t
+        C0, n0, m0 = carried
+        w = torch.exp(Fc + m0.unsqueeze(-1) - m)                        # (B, NH, L), in [0, 1]
+        num = num + w.unsqueeze(-1) * (q @ C0.transpose(-1, -2))        # (B, NH, L, d)
+        qn = qn + w * (q @ n0.unsqueeze(-1)).squeeze(-1)                # (B, NH, L)
+        C = C + w[..., -1, None, None] * C0
+        n = n + w[..., -1, None] * n0
     h = num / torch.maximum(qn.abs(), torch.exp(-m)).unsqueeze(-1)      # (B, NH, L, d)
-    last = D[:, :, -1]                                                  # (B, NH, L) weights of the chunk's end
-    C = w[..., -1, None, None] * C0 + torch.einsum("bhs,bhsv,bhsk->bhvk", last, v, k)  # (B, NH, d, d)
-    n = w[..., -1, None] * n0 + torch.einsum("bhs,bhsk->bhk", last, k)  # (B, NH, d)
     return h, (C, n, m[..., -1].clone())
 
 
