@@ -240,7 +240,8 @@ def test_block_pattern_is_the_papers_ratio():
 
 
 @pytest.mark.parametrize("kwargs, key", [
-    ({"ratio": "1"}, "model.ratio='1'"), ({"ratio": "0:0"}, "model.ratio='0:0'"), ({"ratio": "a:b"}, "model.ratio"),
+    ({"ratio": "1"}, "model.ratio='1'"), ({"ratio": 7}, "model.ratio='7'"), ({"ratio": "0:0"}, "model.ratio='0:0'"),
+    ({"ratio": "a:b"}, "model.ratio"),
     ({"pattern": "mxs"}, "model.pattern='mxs'"), ({"num_heads": 3}, "model.num_heads=3"),
     ({"hidden_dim": 0}, "model.hidden_dim=0"), ({"conv_width": 0}, "model.conv_width=0"),
     ({"dropout": 1.0}, "model.dropout=1.0"),

@@ -67,6 +67,7 @@ class XLSTMLM(ScanLM):
         check_positive(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, expand=expand,
                        qkv_block=qkv_block, mlp_mult=mlp_mult, conv_width=conv_width, chunk_size=chunk_size)
         check_dropout(dropout)
+        ratio, pattern = str(ratio), str(pattern)  # a command line's `model.ratio=7` arrives as an int
         if pattern and set(pattern) - {"m", "s"}:
             raise ValueError(f"model.pattern={pattern!r}: one letter per block, m (mLSTM) or s (sLSTM)")
         kinds = pattern or block_pattern(ratio, num_layers)
