@@ -11,6 +11,7 @@ evaluation then read the ids through a memory map, so memory stays flat whatever
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import io
@@ -185,6 +186,7 @@ def _read_bytes(files: list[str], h, bar=None, chunk_bytes: int = 1 << 22):
 
 HEADER = 128  # bytes of the .npy header of a 1-D array: numpy pads it to 128, room for any length
 CHUNK_IDS = 1 << 22  # ids read, relabelled or widened at a time
+LOCK_NAME = "encoding.lock"  # in the cache folder: held while a corpus is encoded
 
 
 def _write_header(fh, dtype: np.dtype, n: int) -> None:
@@ -286,8 +288,17 @@ def _encode(files: list[str], key: str, unit: str, chunks, where: str) -> tuple[
     folder = _cache_folder()
     ids_path, vocab_path, meta_path = (folder / f"{key}.{x}" for x in ("ids.npy", "vocab.json", "meta.json"))
     cached = _cached_ids(ids_path, vocab_path, meta_path, key)
-    if cached is not None and cached[0].unit == unit:
-        return cached[0], id_view(cached[1])
+    if cached is None or cached[0].unit != unit:
+        with _encoding_lock(folder):  # DDP ranks started at once: one encodes, the others then map its entry
+            cached = _cached_ids(ids_path, vocab_path, meta_path, key)
+            if cached is None or cached[0].unit != unit:
+                return _encode_into(ids_path, vocab_path, meta_path, files, key, unit, chunks, where)
+    return cached[0], id_view(cached[1])
+
+
+def _encode_into(ids_path: Path, vocab_path: Path, meta_path: Path, files: list[str], key: str, unit: str, chunks,
+                 where: str) -> tuple[CharVocab, torch.Tensor]:
+    """The streaming pass of `_encode`: ids written atomically, then the vocabulary, then the meta file."""
     h = hashlib.sha256()
     with atomic_path(ids_path, suffix=".npy") as tmp:
         writer = IdWriter(tmp, 256 if unit == "byte" else 0x110000)
@@ -307,6 +318,22 @@ def _encode(files: list[str], key: str, unit: str, chunks, where: str) -> tuple[
     write_json(meta_path, {"format": CACHE_FORMAT, "key": key, "n": writer.n, "dtype": vocab.id_dtype.name,
                            "vocab_size": len(vocab), **({"unit": "byte"} if unit == "byte" else {})})
     return vocab, id_view(np.load(ids_path, mmap_mode="r"))
+
+
+@contextlib.contextmanager
+def _encoding_lock(folder: Path):
+    """One process at a time encodes into `folder` (`folder/encoding.lock`, an flock; none without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: processes encoding at once each write their own copy, replaced atomically
+        yield
+        return
+    with open(folder / LOCK_NAME, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def encode_corpus(path: str | None, errors: str = "strict", unit: str = "char") -> tuple[CharVocab, torch.Tensor]:

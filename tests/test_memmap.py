@@ -53,15 +53,20 @@ def sha(tensors) -> str:
     return hashlib.sha256(b"".join(t.long().numpy().tobytes() for t in tensors)).hexdigest()[:16]
 
 
-def mapped_file(t: torch.Tensor) -> str | None:
-    """The file a tensor's memory is mapped from (Linux's /proc/self/maps), else None."""
+def mapping(t: torch.Tensor) -> tuple[str, int] | None:
+    """(file, inode) a tensor's memory is mapped from (Linux's /proc/self/maps), else None."""
     ptr = t.data_ptr()
     for line in open("/proc/self/maps"):
         parts = line.split(maxsplit=5)
         lo, hi = (int(a, 16) for a in parts[0].split("-"))
         if lo <= ptr < hi:
-            return parts[5].strip() if len(parts) == 6 else None
+            return (parts[5].strip(), int(parts[4])) if len(parts) == 6 else None
     return None
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file a tensor's memory is mapped from, else None."""
+    return (mapping(t) or (None, 0))[0]
 
 
 def in_memory(ids: torch.Tensor) -> torch.Tensor:
@@ -175,6 +180,7 @@ def _ddp_rank(rank: int, port: int, corpus: str, cache: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        dist.barrier()  # both ranks reach the empty cache at once
         result = {}
         for sampling in ("stream", "random"):
             dm = CharDataModule(path=corpus, block_size=64, batch_size=4, sampling=sampling, seed=1337)
@@ -186,7 +192,7 @@ def _ddp_rank(rank: int, port: int, corpus: str, cache: str, out: str) -> None:
             dm.splits["train"] = in_memory(mapped)
             it = iter(dm.train_dataloader())
             ref = [next(it) for _ in range(3)]
-            result[sampling] = {"sha": sha([b.x for b in got]), "file": mapped_file(mapped) if LINUX else None,
+            result[sampling] = {"sha": sha([b.x for b in got]), "file": mapping(mapped) if LINUX else None,
                                 "same": all(torch.equal(a.x, b.x) and torch.equal(a.y, b.y) for a, b in zip(got, ref)),
                                 "losses": _ddp_losses(got, len(dm.vocab)), "ref": _ddp_losses(ref, len(dm.vocab))}
         Path(out, f"{rank}.json").write_text(json.dumps(result))
@@ -194,13 +200,15 @@ def _ddp_rank(rank: int, port: int, corpus: str, cache: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP on localhost")
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP on localhost; no flock")
 def test_two_ddp_ranks_map_the_same_file_and_read_their_own_shards(corpus, tmp_path):
-    encode_corpus(str(corpus))  # in the cache before the ranks start (rank 0 encodes before Lightning starts rank 1)
+    """Both ranks start on an empty cache (as ranks started by torchrun or SLURM do): one encodes, the other
+    waits for it and maps the same entry; each reads its own shard."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(port, str(corpus), os.environ["CHARLM_CACHE"], str(tmp_path)), nprocs=2, join=True)
+    cache = tmp_path / "cache"
+    mp.spawn(_ddp_rank, args=(port, str(corpus), str(cache), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     for r, res in enumerate(ranks):
         for sampling in ("stream", "random"):
@@ -209,8 +217,9 @@ def test_two_ddp_ranks_map_the_same_file_and_read_their_own_shards(corpus, tmp_p
             assert got["same"] and got["losses"] == got["ref"]  # mapped == in memory, batches and DDP losses
     assert ranks[0]["stream"]["sha"] != ranks[1]["stream"]["sha"]
     if LINUX:
-        files = {res[s]["file"] for res in ranks for s in ("stream", "random")}
-        assert len(files) == 1 and files.pop().endswith(".ids.npy")  # both ranks map the one cache file
+        files = {tuple(res[s]["file"]) for res in ranks for s in ("stream", "random")}
+        assert len(files) == 1 and files.pop()[0].endswith(".ids.npy")  # both ranks map the one file (one inode)
+    assert len(list(cache.glob("*.ids.npy"))) == 1 and not list(cache.glob(".*.npy"))  # encoded once, no leftovers
 
 
 def test_a_bounded_final_evaluation_says_it_is_partial(tmp_path):
