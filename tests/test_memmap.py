@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import TINY, run_main
 
-from charlm.corpus import IdWriter, embedded_corpus, encode_corpus
+from charlm.corpus import IdWriter, embedded_corpus, encode_corpus, id_view
 from charlm.data import CharDataModule, RandomWindows, Streams, relabel
 
 LINUX = Path("/proc/self/maps").exists()
@@ -138,6 +138,7 @@ def test_more_symbols_widen_the_ids_as_they_stream_by(tmp_path):
     assert symbols == expected_symbols.tolist()
     got = np.load(tmp_path / "ids.npy", mmap_mode="r")
     assert got.dtype == np.uint32 and np.array_equal(got, expected_ids)
+    assert id_view(got).dtype == torch.int32 and id_view(got)[-100:].tolist() == expected_ids[-100:].tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy"]  # no widening file left behind
 
 
