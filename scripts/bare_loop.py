@@ -1,11 +1,11 @@
 """`python scripts/bare_loop.py --cell lstm --layers 1 --hidden 384 --emb 64 --batch 32 --seq 64 --dropout 0.1
 --lr 5e-3 --seconds 30 [--out FILE.json]`
 
-The bare PyTorch training loop of `make bench` (scripts/bench.py: embedding, nn.LSTM/GRU/RNN, linear head,
-AdamW, clip norm 1.0, random windows of tiny shakespeare; no framework) run for about `--seconds` on this
-machine: its tokens/s is the machine's calibration, the figure that puts two machines' records side by side.
-A short probe times a few steps, then a run of as many steps as fill the seconds is timed (its first tenth
-untimed). Prints one JSON line; with --out also writes it there.
+The bare PyTorch training loop of `make bench` (`child_bare` in charlm/bench/child.py: embedding,
+nn.LSTM/GRU/RNN, linear head, AdamW, clip norm 1.0, random windows of tiny shakespeare; no framework) run for
+about `--seconds` on this machine: its tokens/s is the machine's calibration, the figure that puts two
+machines' records side by side. A short probe times a few steps, then a run of as many steps as fill the
+seconds is timed (its first tenth untimed). Prints one JSON line; with --out also writes it there.
 """
 
 from __future__ import annotations
@@ -14,40 +14,19 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROBE_STEPS = 10  # steps of the probe run that sizes the timed one
 
 
-def bare_step_runner():
-    """scripts/bench.py's bare loop and the module that holds its settings (LR, ...), wherever it lives."""
-    import bench
-
-    if hasattr(bench, "child_bare"):
-        return bench, bench.child_bare
-    import importlib
-
-    for name in ("bench_child", "bench_children", "bench_runs"):  # where the bare loop moves when bench.py splits
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "child_bare"):
-            return mod, mod.child_bare
-    raise SystemExit("bare_loop: scripts/bench.py's bare loop (child_bare) not found")
-
-
 def run(args: argparse.Namespace) -> dict:
-    mod, child_bare = bare_step_runner()
-    mod.LR = args.lr  # the bare loop reads its learning rate from its module
+    from charlm.bench.child import child_bare
+
     model = {"_target_": "charlm.models.rnn.RNNLM", "cell": args.cell, "embed_dim": args.emb,
              "hidden_dim": args.hidden, "num_layers": args.layers, "dropout": args.dropout, "tie_weights": False}
     spec = {"name": "calibration", "mode": "random", "model": model, "batch_size": args.batch,
-            "block_size": args.seq, "compile": False, "precision": "32-true"}
+            "block_size": args.seq, "compile": False, "precision": "32-true", "lr": args.lr}
     t0 = time.perf_counter()
     probe = child_bare(spec | {"steps": PROBE_STEPS + 1, "warmup": 1})
     steps_per_s = probe["tokens_per_s"] / (args.batch * args.seq)

@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_explain import ROOT, write_lstm_ckpt
+from charlm.bench import ROOT
+from charlm.bench.explain import write_lstm_ckpt
 
 RUNS = {"page alone": [], "units.find=line": ["units.find=line"],
         "units.find=line units.ablate=[0:3]": ["units.find=line", "units.ablate=[0:3]"]}

@@ -16,42 +16,27 @@ T0 = time.perf_counter()  # before the imports: wall times count start-up
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def val_clock():
-    """A Lightning callback: (step, val/loss, wall since process start, training seconds) per validation."""
-    import lightning as L
-    import torch
+    """charlm's training clock (charlm.callbacks.TrainClock: training seconds without validation), noting at the
+    end of each validation (step, val/loss, wall since process start, training seconds so far)."""
+    from charlm.callbacks import TrainClock
 
-    def sync():
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    class ValClock(L.Callback):
+    class ValClock(TrainClock):
         def __init__(self):
-            self.points, self.start, self.val_s, self.v0 = [], None, 0.0, 0.0
-
-        def on_train_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_validation_start(self, trainer, pl_module):
-            sync()
-            self.v0 = time.perf_counter()
+            super().__init__()
+            self.points = []
 
         def on_validation_end(self, trainer, pl_module):
-            sync()
+            super().on_validation_end(trainer, pl_module)  # synced, and this validation's time set aside
             now = time.perf_counter()
-            self.val_s += now - self.v0
             loss = trainer.callback_metrics.get("val/loss")
             if trainer.sanity_checking or loss is None or self.start is None:
                 return
             self.points.append({"step": trainer.global_step, "val_loss": float(loss), "wall_s": now - T0,
-                                "train_s": now - self.start - self.val_s})
+                                "train_s": now - self.start - self.val})
 
     return ValClock()
 

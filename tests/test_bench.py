@@ -1,5 +1,5 @@
-"""scripts/bench.py runs end to end and writes finite positive figures (a check that it works, not a timing), its
-GPU preset reads the GPU recipes' sizes, and scripts/gpu_check.sh's CPU dry run passes (slow)."""
+"""scripts/bench.py (charlm.bench) runs end to end and writes finite positive figures (a check that it works, not a
+timing), its GPU preset reads the GPU recipes' sizes, and scripts/gpu_check.sh's CPU dry run passes (slow)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
+from charlm.bench import child, plan, runs, tables
 
 # Tiny models want one thread: on two busy cores, OpenMP's spinning threads make their steps ~100x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,26 +67,22 @@ def test_bench_writes_results_for_both_modes(tmp_path):
 
 
 def test_default_modes_and_models():
-    import bench
-
-    assert bench.modes_for("auto", "stream") == ["random", "stream"]
-    assert bench.modes_for("auto", "random") == ["random"]  # the transformer and birnn train on windows
-    assert bench.modes_for("stream", "random") == ["stream"]
-    names = bench.all_models()
+    assert plan.modes_for("auto", "stream") == ["random", "stream"]
+    assert plan.modes_for("auto", "random") == ["random"]  # the transformer and birnn train on windows
+    assert plan.modes_for("stream", "random") == ["stream"]
+    names = plan.all_models()
     assert names[:4] == ["rnn", "lstm", "gru", "transformer"]
     assert {"mingru", "minlstm", "hawk", "mamba", "birnn", "gru_tanh_out"} <= set(names)
 
 
 def test_gpu_preset_takes_the_gpu_recipes_sizes():
-    import bench
-
-    gpu = bench.PRESETS["gpu"]
-    lstm = bench.size_overrides("lstm", gpu)
+    gpu = plan.PRESETS["gpu"]
+    lstm = plan.size_overrides("lstm", gpu)
     assert "model.hidden_dim=512" in lstm and "model.num_layers=3" in lstm
     assert not any(o.startswith(("optim.", "data.", "scheduler.")) for o in lstm)  # both sides keep the same optim
-    assert "compile=true" in bench.size_overrides("transformer", gpu)
-    assert bench.size_overrides("lstm", bench.PRESETS["cpu"]) == []  # conf/model sizes as they are
-    overrides, bare = bench.model_setup("mamba", "stream", gpu, steps=5)
+    assert "compile=true" in plan.size_overrides("transformer", gpu)
+    assert plan.size_overrides("lstm", plan.PRESETS["cpu"]) == []  # conf/model sizes as they are
+    overrides, bare = plan.model_setup("mamba", "stream", gpu, steps=5)
     assert "data.sampling=stream" in overrides and "~scheduler" in overrides and "optim.weight_decay=0.0" in overrides
     assert bare["model"]["hidden_dim"] == 384 and bare["preferred_sampling"] == "stream"
 
@@ -111,38 +107,32 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_largest_change_against_a_previous_run():
-    import bench
-
     def res(ratios):
         return {"date": "d", "models": {"rnn": {"modes": {m: {"ratio": r} for m, r in ratios.items()}}}}
 
-    change = bench.largest_change(res({"random": 0.90, "stream": 1.00}), res({"random": 0.95, "stream": 0.80}))
+    change = tables.largest_change(res({"random": 0.90, "stream": 1.00}), res({"random": 0.95, "stream": 0.80}))
     assert change["what"] == "rnn stream" and abs(change["change"] - (-0.20)) < 1e-12
-    assert bench.largest_change({"models": {"rnn": {"ratio": 0.9}}}, res({"random": 0.9})) is None  # older format
-    assert hasattr(bench, "LR") and not hasattr(bench, "child_bare")  # scripts/bare_loop.py sets bench_child.LR
+    assert tables.largest_change({"models": {"rnn": {"ratio": 0.9}}}, res({"random": 0.9})) is None  # older format
+    assert f"optim.lr={child.LR}" in plan.SHARED and child.LR == 2e-3  # charlm's side trains at the bare loop's LR
 
 
 def test_a_slow_spell_cancels_out_of_the_paired_ratio():
-    from bench_runs import paired_ratio
-
     # charlm at 0.9 of the bare loop throughout; the machine halves its speed for slices 3-5 of both
     speed = [1, 1, 1, 0.5, 0.5, 0.5, 1, 1]
     charlm = {"tokens_per_s": 0.0, "slices": [900 * s for s in speed]}
     bare = {"tokens_per_s": 0.0, "slices": [1000 * s for s in speed]}
-    assert paired_ratio(charlm, bare) == pytest.approx(0.9)
+    assert runs.paired_ratio(charlm, bare) == pytest.approx(0.9)
     # one slice hit by a burst on one side only is trimmed away
     charlm["slices"][1] = 300
-    assert paired_ratio(charlm, bare) == pytest.approx(0.9)
+    assert runs.paired_ratio(charlm, bare) == pytest.approx(0.9)
     # no slices (an old result): the whole windows' ratio
-    assert paired_ratio({"tokens_per_s": 450.0}, {"tokens_per_s": 500.0}) == pytest.approx(0.9)
+    assert runs.paired_ratio({"tokens_per_s": 450.0}, {"tokens_per_s": 500.0}) == pytest.approx(0.9)
 
 
 def test_a_steady_drift_cancels_out_of_the_paired_ratio():
     """Slices in turns (charlm, bare, charlm, ...) on a machine whose speed falls 3% a slice: a slice
     compared with the next one only would read 0.9 x 1.03 (or / 1.03); compared with both neighbours
     (geometric mean), 0.9 exactly. A burst on one slice of one side is trimmed away."""
-    from bench_runs import paired_ratio
-
     n, drop = 24, 0.97
     speed = [drop**k for k in range(2 * n)]                       # the machine, slice by slice in time
     spans = [(float(k), k + 0.9) for k in range(2 * n)]
@@ -150,14 +140,14 @@ def test_a_steady_drift_cancels_out_of_the_paired_ratio():
     bare = {"tokens_per_s": 0.0, "slices": [1000 * speed[2 * i + 1] for i in range(n)], "spans": spans[1::2]}
     naive = sorted(c / b for c, b in zip(charlm["slices"], bare["slices"]))[n // 2]
     assert naive == pytest.approx(0.9 / drop)                     # what pairing in order alone reads
-    assert paired_ratio(charlm, bare) == pytest.approx(0.9, rel=1e-9)
+    assert runs.paired_ratio(charlm, bare) == pytest.approx(0.9, rel=1e-9)
     charlm["slices"][5] *= 0.3
     bare["slices"][11] *= 2.5
-    assert paired_ratio(charlm, bare) == pytest.approx(0.9, rel=1e-9)
+    assert runs.paired_ratio(charlm, bare) == pytest.approx(0.9, rel=1e-9)
     # the bare loop first: the same
     swapped_c = {**charlm, "spans": spans[1::2], "slices": [900 * speed[2 * i + 1] for i in range(n)]}
     swapped_b = {**bare, "spans": spans[0::2], "slices": [1000 * speed[2 * i] for i in range(n)]}
-    assert paired_ratio(swapped_c, swapped_b) == pytest.approx(0.9, rel=1e-9)
+    assert runs.paired_ratio(swapped_c, swapped_b) == pytest.approx(0.9, rel=1e-9)
 
 
 TINY_BARE = {"name": "rnn", "mode": "random", "steps": 8, "warmup": 2, "slice": 2, "block_size": 8, "batch_size": 2,
@@ -169,25 +159,21 @@ TINY_BARE = {"name": "rnn", "mode": "random", "steps": 8, "warmup": 2, "slice": 
 def bare_on_both_sides(monkeypatch) -> list[str]:
     """Make run_pair start the bare loop as both sides (one OpenMP thread, named by the side it stands
     for); returns the list of sides started, in order."""
-    import bench_runs
-
-    starts, real_start = [], bench_runs.start_child
+    starts, real_start = [], runs.start_child
 
     def start_child(kind, spec, work, env=None):
         starts.append(kind)
         return real_start("bare", spec | {"name": kind}, work, {**(env or {}), "OMP_NUM_THREADS": "1"})
 
-    monkeypatch.setattr(bench_runs, "start_child", start_child)
+    monkeypatch.setattr(runs, "start_child", start_child)
     return starts
 
 
 def test_the_two_sides_take_turns(tmp_path, monkeypatch):
     """Two bare-loop children in turns: each one's slices are separated in time by the other's, and
     neither's window overlaps the other's slices."""
-    from bench_runs import run_pair
-
     starts = bare_on_both_sides(monkeypatch)
-    a, b = run_pair(TINY_BARE, TINY_BARE, tmp_path, charlm_first=True)
+    a, b = runs.run_pair(TINY_BARE, TINY_BARE, tmp_path, charlm_first=True)
     assert starts == ["charlm", "bare"]
     assert len(a["slices"]) == len(b["slices"]) == 3
     assert all(r > 0 for r in a["slices"] + b["slices"])
@@ -200,33 +186,29 @@ def test_the_two_sides_take_turns(tmp_path, monkeypatch):
 def test_a_failing_side_stops_its_partner(tmp_path, monkeypatch):
     """One side dies before its first step: the other, waiting for its turn, is stopped, and the bench
     exits naming the failed side instead of waiting forever."""
-    from bench_runs import run_pair
-
     good = TINY_BARE | {"steps": 4, "warmup": 1, "slice": 1}
     broken = good | {"model": {**good["model"], "_target_": "charlm.models.rnn.NoSuchModel"}}
     bare_on_both_sides(monkeypatch)
     with pytest.raises(SystemExit, match="bare-bare-random failed"):
-        run_pair(good, broken, tmp_path, charlm_first=True)
+        runs.run_pair(good, broken, tmp_path, charlm_first=True)
 
 
 def test_a_forked_side_measures_and_fails_as_a_started_one(tmp_path, monkeypatch):
     """A side forked from the fork server (the charlm side on a CPU; here the bare loop, made a forked
     kind) writes its figures where a started child does, and a failure reaches the bench with the end of
     the child's log (its stderr went there)."""
-    import bench_runs
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server, started here, passes it to every child
-    monkeypatch.setattr(bench_runs, "FORKED", ("bare",))
-    proc, spec_path, tag = bench_runs.start_child("bare", TINY_BARE, tmp_path)
-    assert isinstance(proc, bench_runs.Forked)
-    out = bench_runs.finish_child(proc, spec_path, tag)
+    monkeypatch.setattr(runs, "FORKED", ("bare",))
+    proc, spec_path, tag = runs.start_child("bare", TINY_BARE, tmp_path)
+    assert isinstance(proc, runs.Forked)
+    out = runs.finish_child(proc, spec_path, tag)
     assert len(out["slices"]) == 3 and all(r > 0 for r in out["slices"])
     broken = TINY_BARE | {"name": "broken",
                           "model": {**TINY_BARE["model"], "_target_": "charlm.models.rnn.NoSuchModel"}}
-    proc, spec_path, tag = bench_runs.start_child("bare", broken, tmp_path)
-    assert isinstance(proc, bench_runs.Forked)
+    proc, spec_path, tag = runs.start_child("bare", broken, tmp_path)
+    assert isinstance(proc, runs.Forked)
     with pytest.raises(SystemExit, match=r"(?s)bare-broken-random failed \(1\).*NoSuchModel"):
-        bench_runs.finish_child(proc, spec_path, tag)
+        runs.finish_child(proc, spec_path, tag)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's /proc")
@@ -236,8 +218,8 @@ def test_a_started_childs_peak_memory_is_its_own(tmp_path):
     held = bytearray(400 * 2**20)
     held[:: 4096] = b"\x01" * len(held[:: 4096])  # touched: resident
     parent_rss = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS:"))) / 1024
-    code = ("import json, sys; sys.path.insert(0, 'scripts'); import bench_window; "
-            "print(json.dumps(bench_window.memory(bench_window.rss_mb(), cuda=False)))")
+    code = ("import json; from charlm.bench import window; "
+            "print(json.dumps(window.memory(window.rss_mb(), cuda=False)))")
     out = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
                                     check=True).stdout)
     assert parent_rss > 400
@@ -249,14 +231,12 @@ def test_a_started_childs_peak_memory_is_its_own(tmp_path):
 def test_the_charlm_side_ends_with_its_window(tmp_path):
     """The charlm side returns its figures once its last timed step is counted: what `charlm.train` does
     after training (last validation, checkpoints, the final evaluation, results.json) is not waited for."""
-    import bench
-    import bench_child
 
-    overrides, bare = bench.model_setup("rnn", "stream", bench.PRESETS["tiny"], 6)
+    overrides, bare = plan.model_setup("rnn", "stream", plan.PRESETS["tiny"], 6)
     run_dir = tmp_path / "run"
     spec = {"name": "rnn", "mode": "stream", "steps": 6, "warmup": 1, "slice": 2, "block_size": 16, "batch_size": 8,
             "overrides": [*overrides, f"hydra.run.dir={run_dir}"], "run_dir": str(run_dir), **bare}
-    out = bench_child.child_charlm(spec)
+    out = child.child_charlm(spec)
     assert out["sampling"] == "stream" and out["precision"] == "32-true"
     # tiny sizes on tiny shakespeare's 65 chars: embedding, nn.RNN (W_ih, W_hh, two biases), head
     assert out["params"] == 65 * 16 + (32 * 16 + 32 * 32 + 2 * 32) + (32 * 65 + 65)

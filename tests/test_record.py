@@ -1,6 +1,7 @@
-"""scripts/record.py (`make record`): the tiny preset writes every part's files, machine.json and record.md
-into results/MACHINE/DATE (slow); a part already there is skipped, FORCE runs it again; the machine's slug;
-a budget recipe's row lands in the attempts table of docs/cpu_record.md; bad PARTS is one line, exit 2."""
+"""scripts/record.py (`make record`, charlm.bench.record): the tiny preset writes every part's files, machine.json
+and record.md into results/MACHINE/DATE (slow); a part already there is skipped, FORCE runs it again; the
+machine's slug; a budget recipe's row lands in the attempts table of docs/cpu_record.md; bad PARTS is one line,
+exit 2."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import record  # noqa: E402
-from record_summary import append_cpu_record, machine_slug, mixed_calibrations  # noqa: E402
+from charlm.bench import record
+from charlm.bench.record_summary import append_cpu_record, machine_slug, mixed_calibrations
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 MACHINE_KEYS = {"machine", "cpu_model", "cpu_count", "cores_usable", "torch_threads", "torch", "python", "platform",

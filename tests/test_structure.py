@@ -99,6 +99,8 @@ def layer(module: str) -> str:
         return "models"
     if module == "charlm.studies" or module.startswith("charlm.studies."):
         return "studies"
+    if module == "charlm.bench" or module.startswith("charlm.bench."):  # the benchmarks: above every layer
+        return "entry"
     return "builder" if module in BUILDER else "entry" if module in ENTRY else "core"
 
 
@@ -257,7 +259,7 @@ def test_cli_wrong_type_is_one_line_exit_2(module, args, key, tmp_path):
 
 def test_model_from_outside_the_package(tmp_path, monkeypatch):
     """One .py file on PYTHONPATH and one YAML on hydra.searchpath: trains (a fresh `python -m charlm.train` with
-    PYTHONPATH), then samples, evaluates and gradflows through the CLIs' main() here, the folder on sys.path (the
+    PYTHONPATH), then samples, evaluates and gradflows through the CLIs' main() here, the folder importable (the
     config folder named again: a checkpoint's config builds only classes charlm registers or the command names)."""
     ext = ROOT / "tests" / "external"
     env = {"PYTHONPATH": str(ext)}

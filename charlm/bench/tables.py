@@ -8,8 +8,8 @@ import math
 import os
 from pathlib import Path
 
-from bench_child import BETAS, CLIP, LR
-from bench_window import CUDA
+from charlm.bench.child import BETAS, CLIP, LR
+from charlm.bench.window import CUDA
 
 MODES = ("random", "stream")  # how training batches are drawn: random windows, or contiguous streams
 

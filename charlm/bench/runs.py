@@ -1,4 +1,4 @@
-"""The parent's side of scripts/bench.py's measuring children (scripts/bench_child.py): each one a fresh
+"""The parent's side of scripts/bench.py's measuring children (charlm.bench.child): each one a fresh
 process started with its spec, a failure reported with the end of its log; charlm and the bare loop
 started as a pair that takes turns on the machine through two named pipes, and the ratio read off
 their paired slices.
@@ -19,13 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import bench_child
-from bench_window import CUDA
+from charlm.bench import ROOT, child
+from charlm.bench.window import CUDA
 
-ROOT = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 FORKED = ("charlm",)  # the kinds forked from the fork server (CPU only: a CUDA process must not be forked)
-PRELOAD = ["bench_child", "charlm.cli", "charlm.train"]  # what the fork server imports once
+PRELOAD = ["charlm.bench.child", "charlm.cli", "charlm.train"]  # what the fork server imports once
 
 
 def child_env(env: dict | None = None) -> dict:
@@ -65,12 +64,12 @@ def start_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> t
     spec_path, log = work / f"{tag}.json", work / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
     if kind in FORKED and not env and not CUDA and "forkserver" in multiprocessing.get_all_start_methods():
-        proc = fork_server().Process(target=bench_child.forked, args=(kind, str(spec_path), str(log)))
+        proc = fork_server().Process(target=child.forked, args=(kind, str(spec_path), str(log)))
         proc.start()
         return Forked(proc), spec_path, tag
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bench_child.py")), kind,
-                                 str(spec_path)], cwd=ROOT, env=child_env(env), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "charlm.bench.child", kind, str(spec_path)], cwd=ROOT,
+                                env=child_env(env), stdout=fh, stderr=subprocess.STDOUT)
     return proc, spec_path, tag
 
 
@@ -89,7 +88,7 @@ def run_child(kind: str, spec: dict, work: Path, env: dict | None = None) -> dic
 
 
 def run_pair(charlm_spec: dict, bare_spec: dict, work: Path, charlm_first: bool) -> tuple[dict, dict]:
-    """charlm and the bare loop at once, taking turns slice by slice (bench_window.Turns) through two
+    """charlm and the bare loop at once, taking turns slice by slice (charlm.bench.window.Turns) through two
     named pipes; `charlm_first` says which side starts."""
     pipes = [work / "to-charlm", work / "to-bare"]
     for pipe in pipes:

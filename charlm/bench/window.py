@@ -1,4 +1,4 @@
-"""The timing window both training sides of scripts/bench.py share (scripts/bench_child.py): steps timed in
+"""The timing window both training sides of scripts/bench.py share (charlm.bench.child): steps timed in
 slices, the two sides taking turns on the machine through two named pipes (`Turns`), and each process's
 own memory.
 """

@@ -1,12 +1,12 @@
-"""The measurements of scripts/bench.py, each run in a fresh process: `python scripts/bench_child.py KIND SPEC.json`
+"""The measurements of scripts/bench.py, each run in a fresh process: `python -m charlm.bench.child KIND SPEC.json`
 (KIND: charlm, bare or encode) reads the spec and writes what it measured to SPEC.out.
 
 - charlm: `charlm.train.run` on the composed config, with a timing callback;
 - bare: the hand-written PyTorch loop of the same architecture and settings, no framework;
 - encode: `CharDataModule.prepare()` on a big corpus, cold then again.
 
-Both training sides share the timing window (`Window`, scripts/bench_window.py) and the optimiser settings
-(LR, BETAS, CLIP).
+Both training sides share the timing window (`Window`, charlm.bench.window) and the optimiser settings
+(LR, BETAS, CLIP; the bare loop takes another learning rate from its spec's `lr`: scripts/bare_loop.py).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_window import CUDA, SYNC_PROBE, Window, memory, rss_mb
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from charlm.bench import ROOT
+from charlm.bench.window import CUDA, SYNC_PROBE, Window, memory, rss_mb
+
 CORPUS = ROOT / "charlm" / "corpora" / "tinyshakespeare.txt"
 LR, BETAS, CLIP = 2e-3, (0.9, 0.999), 1.0  # both sides: AdamW(lr, betas, weight_decay=0), clip norm 1.0, no schedule
 
@@ -74,7 +74,7 @@ def detach(state):
 
 
 def child_bare(spec: dict) -> dict:
-    """What a user writes by hand (../shared/bench/bare_rnn.py): ids on the device, random windows or B
+    """What a user writes by hand (scripts/bare_loop.py runs it alone): ids on the device, random windows or B
     contiguous streams with the state carried and detached, AdamW, clip; no framework."""
     import torch.nn.functional as F
     from torch import nn
@@ -113,7 +113,7 @@ def child_bare(spec: dict) -> dict:
     model = (Bare() if hand_written else build_model(cfg, len(chars))).to(dev)
     aux_losses = capabilities(model).aux_losses
     step_model = torch.compile(model) if spec["compile"] else model
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.get("lr", LR), betas=BETAS, weight_decay=0.0)
     amp = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(spec["precision"]) if CUDA else None
     if CUDA and amp is None and spec["precision"] not in ("32-true", "32"):
         raise SystemExit(f"bare loop: precision {spec['precision']} not supported")
@@ -189,7 +189,7 @@ CHILDREN = {"charlm": child_charlm, "bare": child_bare, "encode": child_encode}
 
 
 def forked(kind: str, spec_path: str, log: str) -> None:
-    """The entry of a child forked from scripts/bench_runs.py's fork server: its output into `log`, as a
+    """The entry of a child forked from charlm.bench.runs's fork server: its output into `log`, as a
     started child's, then `main`. The working directory is the repository's, as a started child's."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -201,7 +201,7 @@ def forked(kind: str, spec_path: str, log: str) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] not in CHILDREN:
-        raise SystemExit(f"usage: bench_child.py {{{','.join(CHILDREN)}}} SPEC.json")
+        raise SystemExit(f"usage: python -m charlm.bench.child {{{','.join(CHILDREN)}}} SPEC.json")
     spec_path = Path(argv[1])
     result = CHILDREN[argv[0]](json.loads(spec_path.read_text()))
     spec_path.with_suffix(".out").write_text(json.dumps(result))
