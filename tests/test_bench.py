@@ -156,6 +156,23 @@ TINY_BARE = {"name": "rnn", "mode": "random", "steps": 8, "warmup": 2, "slice": 
                        "num_layers": 1, "dropout": 0.0}}
 
 
+def test_the_bare_loop_takes_its_learning_rate_from_the_spec(monkeypatch):
+    """scripts/bare_loop.py's --lr reaches the bare loop's AdamW through the spec; a bench spec has none: LR."""
+    import torch
+
+    seen, real = [], torch.optim.AdamW
+
+    def adamw(params, lr, **kw):
+        seen.append(lr)
+        return real(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    short = TINY_BARE | {"steps": 3, "warmup": 1, "slice": 1}
+    child.child_bare(short | {"lr": 0.05})
+    child.child_bare(short)
+    assert seen == [0.05, 2e-3]
+
+
 def bare_on_both_sides(monkeypatch) -> list[str]:
     """Make run_pair start the bare loop as both sides (one OpenMP thread, named by the side it stands
     for); returns the list of sides started, in order."""
