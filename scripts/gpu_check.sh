@@ -9,9 +9,9 @@
 #   scripts/gpu_check.sh --dry-run [part1|part2]   # (or CPU_DRY_RUN=1) the same pack on the CPU with tiny sizes,
 #                                # ~2-3 minutes, into outputs/gpu-check-dry-run/DATE/: tests the pack without a GPU
 # Each part first installs the wheels carried with the checkout in .whl/ when hydra & co. are missing (a machine
-# with torch and lightning and no package index): gather them here with
-#   echo /.whl/ >> .git/info/exclude; ../shared/scripts/device-wheels.sh
-# and the part installs them into /tmp/site and puts it and the checkout on PYTHONPATH, as that script says.
+# with torch and lightning and no package index): gather them on a machine with an index (docs/bench.md, Packages)
+# with `python -m pip wheel --no-deps -w .whl PACKAGE ...`, and the part installs them into .whl/site and puts it
+# and the checkout on PYTHONPATH.
 # A step that fails or runs out of time is recorded and the part goes on; the exit status is 1 if any step failed.
 # Every step has a time limit inside the part's budget (GPU_CHECK_PART_SECONDS, default 530), so a part ends in time.
 #
@@ -52,18 +52,19 @@ mkdir -p "$DIR/logs"
 BUDGET=${GPU_CHECK_PART_SECONDS:-530}
 FAILED=0
 
-install_wheels() {  # hydra-core, datasets, wandb, ... from .whl/ when they are missing (device-wheels.sh)
+install_wheels() {  # hydra-core, datasets, wandb, ... from .whl/ when they are missing
   if "$PY" -c "import hydra, omegaconf, datasets, lightning, torch" >/dev/null 2>&1; then
     echo "packages: present"; return 0
   fi
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "packages missing and no .whl/ here: gather the wheels with ../shared/scripts/device-wheels.sh" >&2
+    echo "packages missing and no .whl/ here: gather the wheels (docs/bench.md, Packages)" >&2
     return 1
   fi
-  rm -rf /tmp/site && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  local site=$ROOT/.whl/site
+  rm -rf "$site" && "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl \
     || return 1
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-  echo "packages: installed $(ls .whl/*.whl | wc -l) wheels into /tmp/site"
+  export PYTHONPATH=$site:$PYTHONPATH
+  echo "packages: installed $(ls .whl/*.whl | wc -l) wheels into .whl/site"
 }
 
 record() {  # record STEP STATUS SECONDS

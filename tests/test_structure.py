@@ -278,3 +278,17 @@ def test_model_from_outside_the_package(tmp_path, monkeypatch):
              "seq_len=12", "n_rows=2")
     curves = json.loads((tmp_path / "gf" / "gradient_flow.json").read_text())
     assert len(curves["bag_of_chars"]["trained"]) == 12
+
+
+def test_no_code_edits_the_import_path():
+    """The package, its scripts and its tests import charlm as installed: none of them edits `sys`'s path
+    (an import path that depends on a file's place breaks once the file moves)."""
+
+    def edits(tree: ast.AST) -> list[int]:
+        return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+                and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+
+    assert edits(ast.parse("import sys\nsys." + "path.append('scripts')")) == [2]  # split: a grep finds no such line
+    found = {str(p.relative_to(ROOT)): lines for d in ("charlm", "scripts", "tests") for p in (ROOT / d).rglob("*.py")
+             if (lines := edits(ast.parse(p.read_text())))}
+    assert not found, found

@@ -45,3 +45,18 @@ def test_the_check_catches_each_word_and_spares_gpu_files_only_for_not_measured(
 def test_shipped_text_has_no_build_process_words(rel):
     hits = offending(rel, (ROOT / rel).read_text(encoding="utf-8"))
     assert not hits, "\n".join(hits)
+
+
+OUTSIDE = re.compile(r"\.\./shared|(?<![\w.])/tmp\b")  # folders a user's clone does not have
+
+
+def test_shipped_files_name_no_folder_outside_the_checkout():
+    """README, docs, conf, scripts, the package, CI and the Makefile point only inside the checkout."""
+    assert OUTSIDE.search("see ../shared/x.md") and OUTSIDE.search("--config-dir /tmp/sweep")
+    assert not OUTSIDE.search("outputs/tmp/x and a.tmp file")
+    files = [ROOT / "README.md", ROOT / "Makefile", *(ROOT / ".ci").rglob("*"),
+             *(f for d in ("docs", "conf", "scripts", "charlm") for f in (ROOT / d).rglob("*")
+               if f.suffix in (".md", ".yaml", ".py", ".sh", ".c"))]
+    hits = [f"{f.relative_to(ROOT)}:{n}: {line.strip()}" for f in files if f.is_file()
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not hits, "\n".join(hits)
