@@ -30,8 +30,8 @@ from omegaconf import DictConfig
 
 from charlm.atomic import atomic_path, write_atomic
 from charlm.errors import ConfigError
+from charlm.scoring.context_verdicts import context_cell
 from charlm.scoring.significance import LEVEL, holm, t_p_value, t_quantile
-from charlm.studies.compare_context import context_cell
 
 COLUMNS = ["model", "params", "tokens_per_s", "best_val_bpc", "best_val_bpc_sd", "vs_leader", "vs_leader_se",
            "vs_leader_low", "vs_leader_high", "vs_leader_p", "vs_leader_p_holm", "vs_leader_mark", "sign_agrees",

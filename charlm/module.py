@@ -307,8 +307,7 @@ class CharLM(L.LightningModule):
         self._params = list(self.parameters())  # per-step work kept small: no rebuilding these each step
         self._grad_scaler = self._uses_grad_scaler()
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        # state_reset: this step's streams start from an empty state; drawn from (the run's seed, step)
-        self.cold_starts = StepDraws(self.hparams.state_reset, torch.initial_seed())
+        self.cold_starts = StepDraws(self.hparams.state_reset, torch.initial_seed())  # state_reset: from (seed, step)
         if self.carry_state and self._state is not None:
             self._state = tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, self._state)
         if getattr(self, "_resume_rng", None) is not None:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.studies.context import (GRID, claim_line, context_use, effective_context, effective_text, markdown,
-                                    plateau_context, sample_positions, summary)
+from charlm.scoring.context_verdicts import context_cell, effective_context, effective_text, plateau_context
+from charlm.studies.context import GRID, claim_line, context_use, markdown, sample_positions, summary
 
 GRID_SMALL = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32]
 
@@ -241,7 +241,7 @@ def context_json(folder, curve, full, se=None):
 
 
 def test_compare_column_and_context_md_render_the_not_reached_case(tmp_path):
-    from charlm.studies.compare_context import context_cell, context_report
+    from charlm.studies.compare_context import context_report
 
     out = tmp_path / "cmp"
     flat = {1: 3.0, 16: 2.17, 32: 2.16, 1024: 2.15}    # plateau 16 (2.17 <= 2.15 x 1.01), gap 2.15 / 2.0 = +7.5%

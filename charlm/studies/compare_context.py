@@ -1,13 +1,12 @@
 """The context measurements charlm.compare adds to a comparison: each measured run's effective context
 (DIR/MODEL-SEED/context.json, a leaderboard column) and, at the end, DIR/context.png and DIR/context.md, the
-curves against the published claims (charlm.studies.context). `context_cell` is the leaderboard's column:
-the effective context where it is reached, else the plateau and the cold-start gap."""
+curves against the published claims (charlm.studies.context). The leaderboard's column reads the same files
+(charlm.scoring.context_verdicts.context_cell)."""
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from omegaconf import DictConfig
 
 from charlm import cli
 from charlm.atomic import write_json
+from charlm.scoring.context_verdicts import verdicts
 
 
 def _read(path: Path) -> dict:
@@ -57,39 +57,6 @@ def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool
     print(f"charlm.compare: {folder.name}: effective context {effective_text(use)} chars "
           f"({positions} positions, {seconds:.1f} s)")
     return True
-
-
-def verdicts(c: dict) -> dict | None:
-    """A context.json's curve with its verdicts (charlm.studies.context.describe), recomputed from the curve so a
-    file written before the paired SE existed reads the same way (then only the 1% band counts); None without one."""
-    from charlm.studies.context import describe
-
-    if not (c.get("context_use") and c.get("full_context_loss")):
-        return None
-    curve = {int(k): float(v) for k, v in c["context_use"].items()}
-    se = {int(k): float(v) for k, v in c["paired_se"].items()} if c.get("paired_se") else None
-    return {"context_use": curve, "full_context_loss": c["full_context_loss"], "paired_se": se,
-            **describe(curve, c["full_context_loss"], se), "positions": c.get("positions", 0), "grid": sorted(curve)}
-
-
-def context_cell(records: list[dict]) -> str:
-    """The leaderboard's effective-context cell from the seeds' context.json: the mean effective context when
-    every measured seed reached it; else the plateau and the cold-start gap ('> 1024 (plateau 16, gap +7.5%)'),
-    or, when only some seeds reached it, their mean and how many did not. '' when none was measured."""
-    measured = [v for v in map(verdicts, records) if v is not None]
-    if not measured:
-        return ""
-    reached = [v["effective_context"] for v in measured if v["reached"]]
-    if len(reached) == len(measured):
-        return f"{statistics.fmean(reached):,.0f}"
-    if reached:
-        return f"{statistics.fmean(reached):,.0f} ({len(measured) - len(reached)} of {len(measured)} seeds not reached)"
-    last = max(v["grid"][-1] for v in measured)
-    plateau = statistics.fmean(v["plateau_context"] for v in measured)
-    pcts = [v["cold_start_gap_pct"] for v in measured if v["cold_start_gap_pct"] is not None]
-    gap = (f"{statistics.fmean(pcts):+.1f}%" if len(pcts) == len(measured)
-           else f"{statistics.fmean(v['cold_start_gap'] for v in measured):+.4f} nats")
-    return f"> {last:,} (plateau {plateau:,.0f}, gap {gap})"
 
 
 def chars_per_word(ids: torch.Tensor, vocab) -> float:

@@ -29,14 +29,12 @@ import torch.nn.functional as F
 from charlm.errors import CorpusError
 from charlm.models.contract import capabilities
 from charlm.schemas import EvalConfig
+from charlm.scoring.context_verdicts import SE_FACTOR, THRESHOLD, describe, effective_text, gap_meaning, gap_text
 from charlm.yardstick import IGNORE, eval_dataset
 
 GRID = [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024]  # ~sqrt(2) steps
 CHUNK = 64  # characters a recurrent model reads per call of a long window, its state carried
 BATCH = 64  # windows per forward call: 64 x 64 characters stay nearer the cache than 256 rows (minGRU ~15% faster)
-THRESHOLD = 0.01  # relative distance to the full-context loss that counts as "all the context it uses"
-SE_FACTOR = 2.0  # ... and at most this many paired standard errors above it (a gap the positions' spread explains)
-ROUNDING = 1e-6  # relative differences this small are float rounding (the two passes batch differently), not context
 
 
 def sample_positions(n: int, n_positions: int, seed: int, min_offset: int) -> torch.Tensor:
@@ -89,46 +87,6 @@ def truncated_losses(model, ids: torch.Tensor, positions: torch.Tensor, k: int, 
     return torch.cat(out)
 
 
-def effective_context(curve: dict[int, float], full: float, se: dict[int, float] | None = None,
-                      threshold: float = THRESHOLD, se_factor: float = SE_FACTOR) -> int | None:
-    """The smallest k whose loss is at most `threshold` (relative) above `full` and, given the paired
-    standard errors `se`, at most `se_factor` of them above it; None when no k gets there (not reached).
-    Without `se` (a curve recorded before they were) only the threshold counts."""
-    for k in sorted(curve):
-        diff = curve[k] - full
-        close = diff <= threshold * full
-        steady = se is None or diff <= se_factor * se[k] + ROUNDING * abs(full)
-        if close and steady:
-            return k
-    return None
-
-
-def plateau_context(curve: dict[int, float], threshold: float = THRESHOLD) -> int:
-    """The smallest k whose loss is at most `threshold` (relative) above the loss at the largest k."""
-    end = curve[max(curve)]
-    return min(k for k, v in curve.items() if v <= end * (1 + threshold))
-
-
-def cold_start_gap(curve: dict[int, float], full: float) -> tuple[float, float | None]:
-    """(nats, %): how far the loss at the largest k stays above the full-context loss (% None when that is 0)."""
-    end = curve[max(curve)]
-    return end - full, 100 * (end / full - 1) if full > 0 else None
-
-
-def gap_text(r: dict) -> str:
-    """'+7.5% (+0.1470 nats)', or the nats alone when the full-context loss is 0."""
-    pct, nats = r["cold_start_gap_pct"], r["cold_start_gap"]
-    return f"{nats:+.4f} nats" if pct is None else f"{pct:+.1f}% ({nats:+.4f} nats)"
-
-
-def describe(curve: dict[int, float], full: float, se: dict[int, float] | None = None) -> dict:
-    """The verdicts on a curve: effective context (None: not reached), reached, plateau, cold-start gap."""
-    k_eff = effective_context(curve, full, se)
-    gap, pct = cold_start_gap(curve, full)
-    return {"effective_context": k_eff, "reached": k_eff is not None, "plateau_context": plateau_context(curve),
-            "cold_start_gap": gap, "cold_start_gap_pct": pct, "threshold": THRESHOLD, "se_factor": SE_FACTOR}
-
-
 def context_use(model, ids: torch.Tensor, n_positions: int = 2000, seed: int = 0, device: str = "cpu",
                 grid: list[int] | None = None, min_offset: int = 1024, batch_size: int = BATCH,
                 chunk: int = CHUNK) -> dict:
@@ -161,27 +119,6 @@ def context_use(model, ids: torch.Tensor, n_positions: int = 2000, seed: int = 0
     full, se = float(full_at.mean()), se or None
     return {"context_use": curve, "paired_se": se, "full_context_loss": full, **describe(curve, full, se),
             "positions": len(positions), "grid": grid, "seconds": time.perf_counter() - start}
-
-
-def effective_text(r: dict) -> str:
-    """'91', or '> 1024' when no k reached the band."""
-    k = r.get("effective_context")
-    return f"> {max(int(g) for g in r['context_use'])}" if k is None else str(k)
-
-
-def gap_meaning(r: dict) -> str:
-    """One line on what the cold-start gap means for this curve."""
-    last, p = max(int(k) for k in r["context_use"]), r["plateau_context"]
-    if r.get("reached"):
-        return "the band is reached: once enough characters are read, the empty start costs next to nothing."
-    if r["cold_start_gap"] <= r["threshold"] * r["full_context_loss"]:
-        return (f"within {r['threshold']:.0%} of full context but more than {r['se_factor']:g} paired SE above it at "
-                "every k: a small, real gain from context beyond the grid.")
-    if p < last:
-        return (f"the curve is flat from k={p} on yet stays above full context: the gap is what reading from an "
-                "empty state costs this model, not context it is missing.")
-    return (f"the loss still falls at k={last}: the model may use more context than the grid measures, or still be "
-            "recovering from its cold start.")
 
 
 def summary(r: dict) -> list[str]:
