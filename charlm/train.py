@@ -224,11 +224,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None, model_name: str | None = N
 
 
 def summarize_wandb(built: Built, results: dict) -> None:
-    """The final figure in the W&B run's summary, saying whether it scored the whole val split."""
-    keys = ("best_val_loss", "best_val_bpc", "partial", "scored_chars", "total_chars")
+    """The final figure in the W&B run's summary, saying whether it scored the whole val split, and the
+    cold-start loss beside it."""
+    keys = ("best_val_loss", "best_val_bpc", "partial", "scored_chars", "total_chars", "cold_start_loss")
     for lg in built.loggers:
         if type(lg).__name__ == "WandbLogger":
-            lg.experiment.summary.update({k: results[k] for k in keys})
+            lg.experiment.summary.update({k: results[k] for k in keys if k in results})
 
 
 def finish_wandb(built: Built, failed: bool) -> None:
