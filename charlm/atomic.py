@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,3 +39,14 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 def write_json(path: str | Path, obj) -> None:
     """Strict JSON (NaN and infinities refused: use None), written atomically."""
     write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def finite(obj):
+    """obj with every float that is NaN or infinite replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj

@@ -6,14 +6,14 @@ JSON. The configs inside either are checked before anything is built from them (
 - a `_target_` names a class charlm registers: one a YAML of the config group names (conf/model/,
   conf/optim/, conf/scheduler/, and the same groups in every folder on the running command's Hydra
   search path, so an outside model is trusted by naming its config folder), a model class of
-  charlm.models, a torch.optim optimizer, a charlm.schedule function, or one the caller names (`trusted`);
+  charlm.models, a torch.optim optimizer, a charlm.training.schedule function, or one the caller names (`trusted`);
 - no Hydra key (`_target_`, `_args_`, ...) below the top, and no interpolation;
 - plain values (null, booleans, numbers, strings, lists and maps of them) of the types the target's
   signature declares (charlm.config, as for the command line).
 
 Anything else is one CheckpointError line (exit status 2), raised before the named code is imported.
 The model alone loads without Lightning (sampling starts fast). Writing is atomic
-(`charlm.build.AtomicCheckpointIO`).
+(`charlm.training.build.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # charlm's own config g
 SECTIONS = ("model", "optim", "scheduler")  # the configs a checkpoint holds that name code to build
 TOP_KEYS = {"model": ("_target_",), "optim": ("_target_", "_partial_"), "scheduler": ("_target_", "_partial_")}
 PACKAGED = {"model": "a model class of charlm.models", "optim": "a torch.optim optimizer",
-            "scheduler": "a charlm.schedule function"}
+            "scheduler": "a charlm.training.schedule function"}
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json")  # what `charlm.export` writes, besides README.md
 
 
@@ -78,7 +78,7 @@ def registered_targets(group: str) -> set[str]:
 
 
 def packaged_target(group: str, target: str) -> bool:
-    """Whether `target` is charlm's own model class, a torch.optim optimizer or a charlm.schedule function
+    """Whether `target` is charlm's own model class, a torch.optim optimizer or a charlm.training.schedule function
     (only charlm's modules and torch.optim are imported to tell)."""
     if group == "model":
         m = re.fullmatch(r"charlm\.models\.([a-z_][a-z0-9_]*)\.([A-Za-z_]\w*)", target)
@@ -91,9 +91,9 @@ def packaged_target(group: str, target: str) -> bool:
         obj = getattr(torch.optim, m[1], None) if m else None
         return inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)
     if group == "scheduler":
-        m = re.fullmatch(r"charlm\.schedule\.([a-z]\w*)", target)
-        obj = getattr(importlib.import_module("charlm.schedule"), m[1], None) if m else None
-        return inspect.isfunction(obj) and obj.__module__ == "charlm.schedule"
+        m = re.fullmatch(r"charlm\.(?:training\.)?schedule\.([a-z]\w*)", target)  # the old path too (charlm.MOVED)
+        obj = getattr(importlib.import_module("charlm.training.schedule"), m[1], None) if m else None
+        return inspect.isfunction(obj) and obj.__module__ == "charlm.training.schedule"
     return False
 
 
@@ -201,7 +201,7 @@ def check_checkpoint(path, trusted: Iterable[str] = ()) -> dict:
 
 
 def _vocab(d, where):
-    from charlm.vocab import CharVocab
+    from charlm.data.vocab import CharVocab
 
     try:
         return CharVocab.from_dict(d)

@@ -7,9 +7,9 @@ overrides (any key that is not compare's own). DIR (hydra.run.dir, by default
 outputs/compare/RECIPES-BUDGET[-HASH]) then holds leaderboard.md/.csv and curves.png. The same command
 run again skips the entries that wrote results.json and starts an unfinished one again.
 
-The budget is charlm.train's own (`budget.seconds`, `budget.tokens`, `budget.evals`: charlm.budget), passed
+The budget is charlm.train's own (`budget.seconds`, `budget.tokens`, `budget.evals`: charlm.training.budget), passed
 through unchanged. Every model runs every seed, so the leaderboard can compare them seed by seed
-(charlm.leaderboard). After each run, the best checkpoint's effective context (charlm.studies.context) goes
+(charlm.scoring.leaderboard). After each run, the best checkpoint's effective context (charlm.studies.context) goes
 into DIR/MODEL-SEED/context.json.
 """
 
@@ -29,15 +29,16 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from charlm import cli, rundir
-from charlm.atomic import write_json
-from charlm.budget import MIN_SECONDS, tokens_per_step
+from charlm import cli
+from charlm.atomic import finite, write_json
 from charlm.config import check_sections
 from charlm.errors import ConfigError
-from charlm.leaderboard import _read, write_outputs
+from charlm.scoring.leaderboard import _read, write_outputs
 from charlm.studies.compare_context import context_report, measure_context
 from charlm.studies.compare_dynamic import dynamic_report, dynamic_settings, measure_dynamic, pack_dynamic
-from charlm.train import check_config, finite, pick_trainer, run
+from charlm.train import check_config, pick_trainer, run
+from charlm.training import rundir
+from charlm.training.budget import MIN_SECONDS, tokens_per_step
 
 KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "context_seeds",
         "dynamic", "dynamic_args", "hydra"}  # compare's own
@@ -45,7 +46,7 @@ KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context
 
 @dataclass
 class Budget:
-    """Every run's budget, handed to charlm.train as its own `budget.*` keys (charlm.budget)."""
+    """Every run's budget, handed to charlm.train as its own `budget.*` keys (charlm.training.budget)."""
 
     seconds: Optional[float] = None
     tokens: Optional[int] = None
@@ -243,7 +244,7 @@ def train_entry(cfg: DictConfig, folder: Path, model: str, overrides: list[str],
         print(f"error: {folder.name}: {cli.error_line(e)}", file=sys.stderr)
         if not isinstance(e, cli.user_error_types()):
             traceback.print_exc()
-        from charlm.summary import _finish_wandb
+        from charlm.scoring.summary import _finish_wandb
 
         _finish_wandb()
         return False

@@ -29,16 +29,16 @@ from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
 from charlm.config import check_sections, check_target_group
-from charlm.data import encode_corpus, relabel, size_note, unit_mismatch
+from charlm.data.datamodule import encode_corpus, relabel, size_note, unit_mismatch
+from charlm.data.hf import corpus_source
+from charlm.data.split import split_slice
+from charlm.data.vocab import CharVocab, unit_label
 from charlm.errors import ConfigError, CorpusError
-from charlm.hf import corpus_source
 from charlm.models.contract import capabilities
 from charlm.schemas import EvalConfig
 from charlm.scoring.cold_start import cold_start_line, cold_start_loss
 from charlm.scoring.dynamic import DynamicConfig, check_dynamic, evaluate_dynamic
-from charlm.split import split_slice
 from charlm.studies.context import context_use, summary
-from charlm.vocab import CharVocab, unit_label
 from charlm.yardstick import eval_dataset, latch_warning, protocol, score_rows, stream_means, window_loss
 
 
@@ -72,7 +72,7 @@ def check(cfg: DictConfig) -> None:
 
 def corpus_ids(cfg: DictConfig, vocab: CharVocab) -> tuple[torch.Tensor, int]:
     """The corpus in the model's ids, and how many characters were skipped (unknown=skip)."""
-    path, own_splits = corpus_source(cfg.data)  # data.path, or a Hugging Face dataset's joined text (charlm.hf)
+    path, own_splits = corpus_source(cfg.data)  # data.path, or a Hugging Face dataset's joined text (charlm.data.hf)
     unit = cfg.data.get("unit", "char")
     where = cfg.data.get("path") or cfg.data.get("name") or cfg.data.get("dataset") or "corpus"
     corpus_vocab, ids = encode_corpus(path, cfg.data.get("errors", "strict"), unit)
@@ -93,7 +93,7 @@ def corpus_ids(cfg: DictConfig, vocab: CharVocab) -> tuple[torch.Tensor, int]:
 
 
 def split_of(ids: torch.Tensor, split: str, val_fraction: float, test_fraction: float) -> torch.Tensor:
-    """The split as training cut it (`charlm.split`: train first, then val, then test, contiguous)."""
+    """The split as training cut it (`charlm.data.split`: train first, then val, then test, contiguous)."""
     return ids[split_slice(len(ids), split, val_fraction, test_fraction)]
 
 

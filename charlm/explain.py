@@ -5,7 +5,7 @@ Writes DIR/explain.html (self-contained: inline CSS and a small inline script, n
 DIR/explain.png, and prints each model's bits per character on the text. The per-character losses
 come from the yardstick's own pass (`charlm.yardstick`, one stream with the state carried, or the
 sliding window of a windowed model), so they sum to what `charlm.evaluate eval.streams=1` reports
-on the same text. Needs torch and the model, not Lightning. The page is drawn by `charlm.explain_page`.
+on the same text. Needs torch and the model, not Lightning. The page is drawn by `charlm.scoring.explain_page`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
 from charlm.config import check_keys, check_sections
-from charlm.corpus import encode_corpus
+from charlm.data.corpus import encode_corpus
+from charlm.data.split import split_slice
+from charlm.data.vocab import CharVocab
 from charlm.errors import ConfigError, CorpusError, UnknownCharError
 from charlm.models.contract import capabilities
 from charlm.scoring import units as unit_study
-from charlm.split import split_slice
-from charlm.vocab import CharVocab
 from charlm.yardstick import IGNORE, eval_dataset, protocol
 
 MAX_CHARS = 20_000  # a page a browser loads and draws in about 4 s (docs/explain.md: 50,000 took 7-8 s)
@@ -95,7 +95,7 @@ class CorpusKeys:
 
 def check(cfg: DictConfig) -> None:
     """Types and ranges of every key (charlm.config), before anything is read or written."""
-    if str(cfg.data.get("_target_", "")).startswith("charlm.hf."):  # reading such a corpus brings Lightning anyway
+    if str(cfg.data.get("_target_", "")).startswith("charlm.data.hf."):  # reading such a corpus brings Lightning anyway
         check_sections(cfg, {"eval": ExplainEval, "units": unit_study.UnitsKeys}, ExplainTop, targets=("data",))
     else:
         check_keys(cfg.data, CorpusKeys, "data.", allow_extra=True)  # data.errors, data.unit: charlm.schemas.RULES
@@ -127,8 +127,10 @@ def source_text(cfg: DictConfig, unit: str = "char") -> tuple[str, str]:
         text = text[cfg.start : cfg.start + cfg.n_chars]
     else:
         path, own_splits = cfg.data.get("path"), None
-        if str(cfg.data.get("_target_", "")).startswith("charlm.hf."):  # a Hugging Face dataset's joined text
-            from charlm.hf import corpus_source  # brings Lightning (charlm.data): only for such a corpus
+        if str(cfg.data.get("_target_", "")).startswith("charlm.data.hf."):  # a Hugging Face dataset's joined text
+            from charlm.data.hf import (
+                corpus_source,  # brings Lightning (charlm.data.datamodule): only for such a corpus
+            )
 
             path, own_splits = corpus_source(cfg.data)
         corpus_vocab, ids = encode_corpus(path, cfg.data.get("errors", "strict"), cfg.data.get("unit", "char"))
@@ -207,7 +209,7 @@ def _label(hp: dict, path) -> str:
 
 def explain(cfg: DictConfig) -> list[Trace]:
     """Read, check, run both passes, then write the page and the PNG (nothing is written on bad input)."""
-    from charlm.explain_page import write_page
+    from charlm.scoring.explain_page import write_page
 
     device = pick_device(cfg.device)
     models = {"A": load_model(cfg.ckpt_path)}
@@ -275,7 +277,7 @@ def explain_run(cfg: DictConfig, built, results: dict, run_dir: Path) -> None:
     n = int((cfg.get("explain") or {}).get("n_chars") or 0)
     if not n or not results:
         return
-    from charlm.explain_page import write_page
+    from charlm.scoring.explain_page import write_page
 
     device = pick_device("auto")
     model, vocab, hp = load_model(results["best_ckpt"])

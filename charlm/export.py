@@ -27,8 +27,8 @@ from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import hydra_main
 from charlm.config import check_sections
+from charlm.data.vocab import unit_label
 from charlm.errors import ConfigError
-from charlm.vocab import unit_label
 
 FORMAT = "charlm.export"  # config.json's "format"; "version" counts its changes
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from charlm.data.vocab import CharVocab
 from charlm.errors import SampleArgError
-from charlm.vocab import CharVocab
 
 
 def check_args(n_chars: int, temperature: float, top_k: int | None, top_p: float | None, num_samples: int = 1):

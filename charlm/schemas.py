@@ -49,7 +49,7 @@ class EvalConfig:
 
 @dataclass
 class BudgetConfig:
-    """What bounds a run besides trainer.max_steps (charlm.budget)."""
+    """What bounds a run besides trainer.max_steps (charlm.training.budget)."""
 
     seconds: Optional[float] = None   # wall seconds of training, validations included (Lightning's Timer)
     tokens: Optional[int] = None      # training tokens: steps = ceil(tokens / tokens per step)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from charlm.atomic import write_atomic, write_json
 from charlm.cli import CONF_DIR, compose_or_exit, error_line, report_user_errors, user_error_types
 from charlm.errors import ConfigError
-from charlm.summary import _finish_wandb, markdown, write_summary
+from charlm.scoring.summary import _finish_wandb, markdown, write_summary
 from charlm.train import pick_trainer, run
 
 SWEEP_KEYS = set(OmegaConf.load(Path(CONF_DIR) / "sweep.yaml")) - {"defaults"} | {"hparams_search"}

@@ -1,6 +1,6 @@
 """`python scripts/bench_clock_sync.py [--steps 2000]`: what sharing rank 0's clock costs per training step.
 
-Under a seconds budget with DDP, charlm.budget.BudgetClock broadcasts rank 0's elapsed seconds once per
+Under a seconds budget with DDP, charlm.training.budget.BudgetClock broadcasts rank 0's elapsed seconds once per
 step (one float64). This starts two gloo processes on the CPU, as `trainer=ddp_cpu` does, and prints the
 median microseconds of that broadcast (and of Lightning's own per-step broadcast of the Timer's stop flag,
 a pickled object, for scale). Run it alone: on a busy machine the figure is noise.

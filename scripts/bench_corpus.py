@@ -63,7 +63,7 @@ def child_data(corpus: str, unit: str, out: str, started: float) -> None:
     """prepare(), then the first training batches of both kinds and the first yardstick batches; timings."""
     import torch
 
-    from charlm.data import CharDataModule
+    from charlm.data.datamodule import CharDataModule
 
     imported = time.perf_counter()
     dm = CharDataModule(path=corpus, unit=unit, block_size=256, batch_size=64)

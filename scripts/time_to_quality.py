@@ -20,9 +20,9 @@ from pathlib import Path  # noqa: E402
 
 
 def val_clock():
-    """charlm's training clock (charlm.callbacks.TrainClock: training seconds without validation), noting at the
-    end of each validation (step, val/loss, wall since process start, training seconds so far)."""
-    from charlm.callbacks import TrainClock
+    """charlm's training clock (charlm.training.callbacks.TrainClock: training seconds without validation),
+    noting at the end of each validation (step, val/loss, wall since process start, training seconds so far)."""
+    from charlm.training.callbacks import TrainClock
 
     class ValClock(TrainClock):
         def __init__(self):
@@ -59,9 +59,9 @@ def main() -> None:
 
     from omegaconf import open_dict
 
-    from charlm import rundir
     from charlm.cli import compose, report_user_errors
     from charlm.train import pick_trainer, run
+    from charlm.training import rundir
 
     clock = val_clock()
     with report_user_errors():

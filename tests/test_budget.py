@@ -16,10 +16,10 @@ import torch
 from conftest import TINY, run_cli
 
 from charlm import cli
-from charlm.budget import BudgetBar, BudgetClock
-from charlm.build import build
-from charlm.schedule import one_cycle, warmup_cosine
 from charlm.train import run
+from charlm.training.budget import BudgetBar, BudgetClock
+from charlm.training.build import build
+from charlm.training.schedule import one_cycle, warmup_cosine
 
 LR = 4e-3
 QUICK = [*TINY, "sample.n_chars=0", "eval.window_batches=0", "eval.max_chars=2000", f"optim.lr={LR}",

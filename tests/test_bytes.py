@@ -18,15 +18,15 @@ from omegaconf import OmegaConf
 
 from charlm.checkpoint import load_model, save_model
 from charlm.cli import compose
-from charlm.corpus import encode_corpus
-from charlm.data import CharDataModule
+from charlm.data.corpus import encode_corpus
+from charlm.data.datamodule import CharDataModule
+from charlm.data.vocab import CharVocab
 from charlm.errors import UnknownCharError
 from charlm.evaluate import evaluate
 from charlm.explain import explain
 from charlm.generate import readable, samples
 from charlm.models.contract import build_model
 from charlm.train import check_config
-from charlm.vocab import CharVocab
 
 # enwik8-shaped: XML with multi-byte UTF-8 (é: 2 bytes, 日本: 3 each, 🙂: 4) and CRLF, which bytes keep as is
 PAGE = ("<page>\n  <title>Café 日本 🙂</title>\r\n  <text xml:space=\"preserve\">'''Anarchism''' is a "

@@ -11,11 +11,11 @@ import yaml
 from conftest import ROOT, TINY, run_cli, run_main
 
 from charlm.checkpoint import check_section, load_model, save_model
+from charlm.data.vocab import CharVocab
 from charlm.errors import CheckpointError, ConfigError
 from charlm.models.contract import build_model
-from charlm.module import CharLM
 from charlm.studies.gradflow import model_config
-from charlm.vocab import CharVocab
+from charlm.training.module import CharLM
 
 PRECIOUS = b"precious\n"
 EXTERNAL = ROOT / "tests" / "external"
@@ -93,7 +93,8 @@ def test_resume_checks_optim_and_scheduler(crafted, tmp_path, section, cfg, mess
     before = listing(tmp_path)
     ran = run_main("charlm.train", *TINY, f"ckpt_path={tmp_path / 'resume.ckpt'}", check=False)
     assert ran.returncode == 2 and ran.stderr.strip() == f"error: {tmp_path / 'resume.ckpt'}: {message}" + (
-        " charlm registers (conf/scheduler/*.yaml or a charlm.schedule function); for a class of your own, name its "
+        " charlm registers (conf/scheduler/*.yaml or a charlm.training.schedule function); "
+        "for a class of your own, name its "
         "config folder: 'hydra.searchpath=[file://DIR]' with DIR/scheduler/NAME.yaml" if section == "scheduler"
         else "; a config read from a file is data and names no code to run")
     assert listing(tmp_path) == before
@@ -145,7 +146,7 @@ def test_a_foreign_target_is_refused_before_it_is_imported(tmp_path, monkeypatch
     ("model", "os.system"),
     ("optim", "torch.optim.lr_scheduler"),        # a module, not an optimizer
     ("optim", "torch.load"),
-    ("scheduler", "charlm.schedule.math"),        # a module imported there
+    ("scheduler", "charlm.training.schedule.math"),        # a module imported there
     ("scheduler", "builtins.eval"),
 ])
 def test_targets_outside_the_allowlist(section, target):
@@ -156,7 +157,7 @@ def test_targets_outside_the_allowlist(section, target):
 def test_optimizers_and_schedules_charlm_names_pass():
     assert check_section("optim", {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, "x")
     assert check_section("optim", {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.99]}, "x")
-    assert check_section("scheduler", {"_target_": "charlm.schedule.warmup_cosine", "warmup_steps": 3}, "x")
+    assert check_section("scheduler", {"_target_": "charlm.training.schedule.warmup_cosine", "warmup_steps": 3}, "x")
 
 
 @pytest.mark.parametrize("cfg, message", [

@@ -85,8 +85,8 @@ class StatesSeen(nn.Module):
 def fit_streams(tmp_path, state_reset: float, steps: int, seed: int = 5):
     import lightning as L
 
-    from charlm.data import CharDataModule
-    from charlm.module import CharLM
+    from charlm.data.datamodule import CharDataModule
+    from charlm.training.module import CharLM
 
     (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
     dm = CharDataModule(path=str(tmp_path / "c.txt"), block_size=8, batch_size=4, sampling="stream")

@@ -20,7 +20,7 @@ from charlm.checkpoint import read_checkpoint
 from charlm.cli import compose
 from charlm.compare import check, default_dir, group_wandb, pack_args, plan_entry, selection
 from charlm.errors import ConfigError
-from charlm.leaderboard import paired_difference, write_outputs
+from charlm.scoring.leaderboard import paired_difference, write_outputs
 
 # Tiny models want one thread: on two busy cores, OpenMP's spinning threads make their steps ~100x slower.
 ENV = {"OMP_NUM_THREADS": "1"}

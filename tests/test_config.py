@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from charlm.data import CharDataModule
+from charlm.data.datamodule import CharDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -57,7 +57,7 @@ def test_every_data_config_builds(name, tmp_path):
     data = OmegaConf.to_container(cfg.data, resolve=True)
     if "_target_" not in data or needs_file:  # synthetic tasks size their own windows
         data["block_size"] = 16
-    data_cls = get_class(data.pop("_target_", "charlm.data.CharDataModule"))
+    data_cls = get_class(data.pop("_target_", "charlm.data.datamodule.CharDataModule"))
     assert issubclass(data_cls, CharDataModule)
     dm = data_cls(**data)
     dm.setup()
@@ -67,7 +67,7 @@ def test_every_data_config_builds(name, tmp_path):
 
 @pytest.mark.parametrize("name", options("logger"))
 def test_every_logger_builds(name, tmp_path, monkeypatch):
-    from charlm.build import build_loggers
+    from charlm.training.build import build_loggers
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cfg = compose_train(f"logger={name}")

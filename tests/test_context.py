@@ -264,7 +264,7 @@ def test_compare_column_and_context_md_render_the_not_reached_case(tmp_path):
 
 
 def test_the_leaderboard_shows_the_compare_column(tmp_path):
-    from charlm.leaderboard import run_row
+    from charlm.scoring.leaderboard import run_row
 
     out = tmp_path / "cmp"
     context_json(out / "lstm-1", {1: 3.0, 16: 2.17, 1024: 2.15}, 2.0)

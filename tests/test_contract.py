@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_SIZES
 
+from charlm.data.vocab import CharVocab
 from charlm.generate import generate
 from charlm.models.contract import build_model, capabilities
 from charlm.studies.gradflow import model_config
-from charlm.vocab import CharVocab
 
 MODEL_NAMES = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 V = 9

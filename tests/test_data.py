@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.corpus import embedded_corpus, encode_corpus
-from charlm.data import CharDataModule, RandomWindows, Streams
+from charlm.data.corpus import embedded_corpus, encode_corpus
+from charlm.data.datamodule import CharDataModule, RandomWindows, Streams
 from charlm.yardstick import IGNORE, SlidingWindows
 
 

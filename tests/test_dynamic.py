@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 
 from charlm.checkpoint import save_model
 from charlm.cli import compose
+from charlm.data.vocab import CharVocab
 from charlm.errors import ConfigError, DivergenceError
 from charlm.evaluate import evaluate
 from charlm.models.contract import build_model, capabilities
 from charlm.scoring import dynamic as dy
-from charlm.vocab import CharVocab
 
 FAMILIES = ["rnn", "lstm", "gru", "transformer", "mingru", "mamba"]
 SHAKESPEARE = (ROOT / "charlm" / "corpora" / "tinyshakespeare.txt").read_text()
@@ -204,7 +204,7 @@ def test_bytes_work_the_same(tmp_path):
     page = "<page>\n  <title>Café 日本 🙂</title>\r\n  <text>'''Anarchism''' &amp; naïve ¿qué? 1.5 €</text>\n</page>\n"
     path = tmp_path / "enwik8_small"
     path.write_bytes(page.encode() * 40)
-    from charlm.corpus import encode_corpus
+    from charlm.data.corpus import encode_corpus
 
     vocab, _ = encode_corpus(str(path), unit="byte")
     cfg = tiny_cfg("gru")

@@ -6,7 +6,7 @@ import math
 import torch
 from conftest import run_cli
 
-from charlm.module import load_charlm
+from charlm.training.module import load_charlm
 
 
 def test_train_writes_run_dir(trained_run):
@@ -29,7 +29,7 @@ def test_checkpoint_loads_weights_only_and_rebuilds(trained_run):
     module = load_charlm(path)
     logits, _ = module.model(torch.zeros(1, 3, dtype=torch.long))
     assert logits.shape == (1, 3, len(module.vocab)) == (1, 3, 65)
-    from charlm.module import CharLM
+    from charlm.training.module import CharLM
 
     again = CharLM.load_from_checkpoint(path, map_location="cpu").eval()  # dropout off, as load_charlm
     torch.testing.assert_close(again.model(torch.ones(1, 4, dtype=torch.long))[0],
@@ -69,8 +69,8 @@ def test_training_loss_falls(trained_run):
     """Better than the same model at step 0 (a unigram model already beats ln(65), so that is no yardstick)."""
     from omegaconf import OmegaConf
 
-    from charlm.data import CharDataModule
-    from charlm.module import CharLM
+    from charlm.data.datamodule import CharDataModule
+    from charlm.training.module import CharLM
 
     results = json.loads((trained_run / "results.json").read_text())
     seed = OmegaConf.load(trained_run / ".hydra" / "config.yaml").seed

@@ -9,8 +9,8 @@ from conftest import ROOT, TINY, run_cli, tiny_model_overrides
 from torch import nn
 
 from charlm import cli
-from charlm.build import build_module
-from charlm.vocab import CharVocab
+from charlm.data.vocab import CharVocab
+from charlm.training.build import build_module
 from charlm.yardstick import EvalStreams, far_streams, latch_warning, score_rows, stream_means
 
 MODEL_NAMES = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))

@@ -19,11 +19,11 @@ from torch.utils._pytree import tree_flatten
 
 from charlm.checkpoint import save_model
 from charlm.cli import compose
+from charlm.data.vocab import CharVocab
 from charlm.errors import CharLMError
 from charlm.evaluate import evaluate
 from charlm.explain import MAX_CHARS, check, explain, trace
 from charlm.models.contract import build_model, capabilities
-from charlm.vocab import CharVocab
 
 TEXT = ("ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n"
         "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n") * 2

@@ -13,9 +13,9 @@ from conftest import ROOT, run_main
 from safetensors import safe_open
 
 from charlm.checkpoint import load_model, save_model
+from charlm.data.vocab import CharVocab
 from charlm.export import export
 from charlm.models.contract import build_model
-from charlm.vocab import CharVocab
 
 FILES = {"model.safetensors", "config.json", "vocab.json", "README.md"}
 TIED = {"_target_": "charlm.models.rnn.RNNLM", "cell": "gru", "embed_dim": 12, "hidden_dim": 12, "num_layers": 1,

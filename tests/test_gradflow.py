@@ -12,10 +12,10 @@ from conftest import run_cli, run_main
 from hydra.utils import instantiate
 from torch import nn
 
-from charlm.callbacks import GradFlowCallback
-from charlm.gradients import gradient_flow, position_grad_norms
 from charlm.models.rnn import RNNLM
 from charlm.studies.gradflow import model_config
+from charlm.training.callbacks import GradFlowCallback
+from charlm.training.gradients import gradient_flow, position_grad_norms
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_NAMES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -95,8 +95,8 @@ def test_gradflow_cli(tmp_path, trained_run):
 def test_gradflow_callback_writes_curves(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
-    from charlm.data import CharDataModule
-    from charlm.module import CharLM
+    from charlm.data.datamodule import CharDataModule
+    from charlm.training.module import CharLM
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     dm = CharDataModule(block_size=12, batch_size=4)

@@ -1,4 +1,4 @@
-"""Hugging Face datasets as corpora (charlm.hf), on local datasets built here (the hub is out of reach):
+"""Hugging Face datasets as corpora (charlm.data.hf), on local datasets built here (the hub is out of reach):
 a save_to_disk folder and parquet files train and give the ids of the same text read as a plain file,
 data.hf_splits maps three splits exactly, data.max_chars keeps exactly the first N characters, evaluate
 reads the dataset's own test split, and bad input is one line with exit status 2."""
@@ -10,10 +10,10 @@ import pytest
 from conftest import TINY, run_cli
 
 from charlm import cli
-from charlm.corpus import embedded_corpus
-from charlm.data import CharDataModule
+from charlm.data.corpus import embedded_corpus
+from charlm.data.datamodule import CharDataModule
+from charlm.data.hf import HFDataModule, hf_text, joined
 from charlm.errors import CorpusError
-from charlm.hf import HFDataModule, hf_text, joined
 
 QUICK = [*TINY, "trainer.max_steps=3", "trainer.val_check_interval=3", "sample.n_chars=0",
          "eval.window_batches=0", "eval.max_chars=500", "model.hidden_dim=16", "model.embed_dim=8"]

@@ -13,7 +13,7 @@ from conftest import run_cli
 from charlm.cli import compose
 from charlm.compare import load_recipes, plan_entry
 from charlm.errors import ConfigError
-from charlm.leaderboard import paired_difference, vs_leader_cell, write_outputs
+from charlm.scoring.leaderboard import paired_difference, vs_leader_cell, write_outputs
 from charlm.scoring.significance import holm, t_p_value, t_quantile
 
 # Two-sided 95% points of Student's t (the 0.975 quantile), as printed in standard tables (e.g. NIST/SEMATECH

@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import TINY, run_main
 
-from charlm.corpus import IdWriter, embedded_corpus, encode_corpus, id_view
-from charlm.data import CharDataModule, RandomWindows, Streams, relabel
+from charlm.data.corpus import IdWriter, embedded_corpus, encode_corpus, id_view
+from charlm.data.datamodule import CharDataModule, RandomWindows, Streams, relabel
 
 LINUX = Path("/proc/self/maps").exists()
 GOLDEN = {  # unit: (vocab size, ids, sha of the ids, train length, {sampling: (sha of 4 batches, bigram loss)})
@@ -250,7 +250,7 @@ def test_a_bounded_final_evaluation_says_it_is_partial(tmp_path):
 
 
 def test_the_wandb_summary_says_partial():
-    from charlm.train import summarize_wandb
+    from charlm.scoring.results import summarize_wandb
 
     class WandbLogger:  # what summarize_wandb looks for, with W&B's summary as a dict
         experiment = SimpleNamespace(summary={})

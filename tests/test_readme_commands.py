@@ -194,9 +194,9 @@ def tmp(tmp_path_factory) -> dict:
     from omegaconf import OmegaConf
 
     from charlm.checkpoint import save_model
+    from charlm.data.vocab import CharVocab
     from charlm.models.contract import build_model
     from charlm.sweep import experiment_yaml
-    from charlm.vocab import CharVocab
 
     root = tmp_path_factory.mktemp("documented")
     vocab = CharVocab.from_text("To be, or not to be\n")

@@ -181,7 +181,7 @@ def test_span_reads_the_ladder():
 
 
 def test_recall_accuracy_callback_counts_cues_with_state_carried():
-    from charlm.module import CharLM
+    from charlm.training.module import CharLM
 
     dm = RecallDataModule(n_symbols=4, n_fillers=3, max_lag=10, n_chars=2400, block_size=32, sampling="stream")
     dm.prepare()

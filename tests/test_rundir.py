@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from conftest import TINY, run_cli
 
-from charlm import rundir
 from charlm.cli import compose
+from charlm.training import rundir
 
 
 def folder_state(folder: Path) -> dict[str, tuple[str, int]]:
@@ -55,7 +55,7 @@ def test_resume_into_another_folder_keeps_the_best_score(tmp_path):
     validation after a resume would become best.ckpt; charlm's BestCheckpoint copies the best along."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from charlm.callbacks import BestCheckpoint
+    from charlm.training.callbacks import BestCheckpoint
 
     old = tmp_path / "A" / "checkpoints"
     old.mkdir(parents=True)
@@ -78,7 +78,7 @@ def test_best_checkpoints_key_is_lightnings_and_is_built_once():
     rather than at every hook call."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from charlm.callbacks import BestCheckpoint
+    from charlm.training.callbacks import BestCheckpoint
 
     kw = {"monitor": "val/loss", "mode": "min", "save_top_k": 1, "save_last": True}
     ours = BestCheckpoint(**kw)

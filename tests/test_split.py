@@ -2,7 +2,7 @@
 
 import pytest
 
-from charlm.split import split_bounds, split_slice
+from charlm.data.split import split_bounds, split_slice
 
 
 def test_tiny_shakespeare_matches_nanogpt():

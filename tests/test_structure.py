@@ -74,7 +74,7 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles_in_charlm():
     graph = import_graph()
-    assert "charlm.build" in graph and "charlm.module" in graph["charlm.build"]
+    assert "charlm.training.build" in graph and "charlm.training.module" in graph["charlm.training.build"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -84,9 +84,9 @@ def test_errors_is_a_leaf():
 
 # The layers, bottom up. A module imports only from its own layer and those below it; a module named
 # in no list is core. Leaves import no charlm module but leaves; the entry points are `python -m` commands.
-LEAVES = {"charlm.errors", "charlm.atomic", "charlm.rng", "charlm.split", "charlm.schemas", "charlm.schedule",
-          "charlm.yardstick", "charlm.corpora"}
-BUILDER = {"charlm.build", "charlm.train"}
+LEAVES = {"charlm.errors", "charlm.atomic", "charlm.rng", "charlm.data.split", "charlm.schemas",
+          "charlm.training.schedule", "charlm.yardstick", "charlm.corpora"}
+BUILDER = {"charlm.training.build", "charlm.train", "charlm.scoring.results"}
 ENTRY = {"charlm.report", "charlm.gradflow", "charlm.compare", "charlm.sweep", "charlm.sample", "charlm.evaluate",
          "charlm.export"}
 LAYERS = ["leaves", "models", "core", "builder", "studies", "entry"]
@@ -111,9 +111,9 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_layer_checker_finds_an_upward_import():
-    assert upward_imports({"charlm.data": {"charlm.studies.recall"}, "charlm.studies.recall": set()})
-    assert upward_imports({"charlm.models.rnn": {"charlm.build"}, "charlm.build": set()})
-    assert not upward_imports({"charlm.studies.probe": {"charlm.build", "charlm.errors"}})
+    assert upward_imports({"charlm.data.datamodule": {"charlm.studies.recall"}, "charlm.studies.recall": set()})
+    assert upward_imports({"charlm.models.rnn": {"charlm.training.build"}, "charlm.training.build": set()})
+    assert not upward_imports({"charlm.studies.probe": {"charlm.training.build", "charlm.errors"}})
 
 
 def test_no_import_runs_back_up_a_layer():

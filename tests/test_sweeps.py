@@ -13,9 +13,9 @@ import torch
 import yaml
 from conftest import ROOT, TINY, run_cli
 
-from charlm.summary import write_summary
+from charlm.scoring.summary import write_summary
 
-SUMMARY_CALLBACK = "++hydra.callbacks.summary._target_=charlm.summary.SweepSummary"  # ++: works once train.yaml has it
+SUMMARY_CALLBACK = "++hydra.callbacks.summary._target_=charlm.scoring.summary.SweepSummary"  # ++: train.yaml has it
 
 
 def tiny(*drop: str) -> list[str]:
@@ -139,7 +139,7 @@ def test_search_space_syntax():
 def yardstick_one_process(ckpt: str, chunk: int) -> float:
     """The yardstick of a checkpoint in this process: 8 streams, state carried, every val char once."""
     from charlm.checkpoint import load_model
-    from charlm.data import CharDataModule
+    from charlm.data.datamodule import CharDataModule
     from charlm.yardstick import eval_dataset, score
 
     model, vocab, _ = load_model(ckpt)

@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch.utils._pytree import tree_leaves
 
-from charlm.data import CharDataModule
-from charlm.module import CharLM
+from charlm.data.datamodule import CharDataModule
+from charlm.training.module import CharLM
 
 TINY_LSTM = {"_target_": "charlm.models.rnn.RNNLM", "cell": "lstm", "embed_dim": 8, "hidden_dim": 16}
 
@@ -122,7 +122,7 @@ def test_trainer_profiles_quietly_unless_a_profiler_is_named(tmp_path):
     from lightning.pytorch.profilers import SimpleProfiler
 
     from charlm import cli
-    from charlm.build import QuietProfiler, build
+    from charlm.training.build import QuietProfiler, build
 
     quick = [*TINY, "sample.n_chars=0", "logger=none"]
     trainer = build(cli.compose("train", quick), tmp_path / "a", "lstm").trainer
@@ -142,7 +142,7 @@ def test_callbacks_are_called_only_for_the_batch_hooks_they_implement(tmp_path):
     from lightning.pytorch.callbacks import LambdaCallback
 
     from charlm import cli
-    from charlm.build import build
+    from charlm.training.build import build
 
     class Ends(L.Callback):
         ends = 0
@@ -188,7 +188,7 @@ def test_training_metrics_reach_the_loggers_at_the_logging_steps(stream_dm):
     """Every log_every_n_steps-th step (0-based index k with (k + 1) % n == 0, Lightning's count), the
     loss, the gradient statistics and the epoch, as floats; the progress bar leads with that loss. Turning
     the loss into a float warns nothing (torch warns when a tensor still in the graph is)."""
-    from charlm.budget import BudgetBar
+    from charlm.training.budget import BudgetBar
 
     module, captured = tiny_module(stream_dm), Captured()
     trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=captured, enable_checkpointing=False,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from charlm.data.vocab import CharVocab
 from charlm.errors import SampleArgError, UnknownCharError
 from charlm.generate import generate
 from charlm.models.birnn import BiRNNLM
 from charlm.models.transformer import GPT
-from charlm.vocab import CharVocab
 
 V = 7
 BLOCK = 8

@@ -17,12 +17,12 @@ from test_explain import HOSTILE, VOCAB, Tags, explain_cfg, tiny_model, write_ck
 
 from charlm.checkpoint import save_model
 from charlm.cli import compose
+from charlm.data.vocab import CharVocab
 from charlm.errors import CharLMError
 from charlm.explain import _quote_free_text, check, explain
 from charlm.models.contract import capabilities
 from charlm.models.rnn import RNNLM
 from charlm.scoring.units import correlations, target
-from charlm.vocab import CharVocab
 
 random.seed(0)
 QUOTED = "".join(f'"{"".join(random.choices("XYZ", k=random.randint(1, 6)))}" '

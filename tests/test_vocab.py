@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from charlm.vocab import CharVocab, UnknownCharError
+from charlm.data.vocab import CharVocab, UnknownCharError
 
 
 def test_round_trip_non_ascii():

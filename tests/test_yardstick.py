@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, run_cli, run_main
 from torch import nn
 
-from charlm.data import RandomWindows, Streams
+from charlm.data.datamodule import RandomWindows, Streams
 from charlm.yardstick import IGNORE, EvalStreams, SlidingWindows, eval_dataset, score
 
 V = 5
@@ -123,7 +123,7 @@ def test_window_dataset_for_a_windowed_model_and_streams_for_the_rest():
 
 def test_many_streams_agree_with_one_stream(trained_run):
     from charlm.checkpoint import load_model
-    from charlm.data import CharDataModule
+    from charlm.data.datamodule import CharDataModule
 
     results = json.loads((trained_run / "results.json").read_text())
     model, vocab, _ = load_model(results["best_ckpt"])

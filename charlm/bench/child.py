@@ -82,7 +82,7 @@ def child_bare(spec: dict) -> dict:
     from charlm.models.contract import build_model, capabilities
 
     torch.manual_seed(0)
-    torch.set_float32_matmul_precision("high")  # as charlm.build does
+    torch.set_float32_matmul_precision("high")  # as charlm.training.build does
     torch.backends.cudnn.benchmark = True  # as trainer=gpu does
     dev = "cuda" if CUDA else "cpu"
     text = CORPUS.read_text()
@@ -170,7 +170,7 @@ def child_encode(spec: dict) -> dict:
     """CharDataModule(path=...).prepare() on a big corpus: cold, then again (a cache hit, where data.py caches)."""
     import datasets  # noqa: F401  (imported before the clock starts)
 
-    from charlm.data import CharDataModule
+    from charlm.data.datamodule import CharDataModule
 
     unit = spec.get("unit", "char")  # byte: raw bytes (data.unit=byte, the enwik8 protocol)
     rss0, t0 = rss_mb(), time.perf_counter()

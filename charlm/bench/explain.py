@@ -19,7 +19,7 @@ def write_lstm_ckpt(path: Path, seed: int) -> Path:
     from omegaconf import OmegaConf
 
     from charlm.checkpoint import save_model
-    from charlm.corpus import encode_corpus
+    from charlm.data.corpus import encode_corpus
     from charlm.models.contract import build_model
 
     vocab, _ = encode_corpus(None)

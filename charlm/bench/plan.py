@@ -65,9 +65,9 @@ def recompute(model, n_chars: int, num_samples: int, window: int, g) -> None:
 
 def bench_sampling(model_cfg: dict, n_chars: int, recompute_chars: int) -> dict:
     """charlm.generate's chars/s (1 and 64 samples); for a windowed model also without its cache."""
+    from charlm.data.vocab import CharVocab
     from charlm.generate import generate
     from charlm.models.contract import build_model, capabilities
-    from charlm.vocab import CharVocab
 
     vocab = CharVocab.from_text(CORPUS.read_text())
     model = build_model(model_cfg, len(vocab)).to("cuda" if CUDA else "cpu").eval()
@@ -124,8 +124,8 @@ def model_setup(name: str, mode: str, preset: dict, steps: int) -> tuple[list[st
     """charlm's overrides for one family in one mode, and what the bare loop needs (model config, precision)."""
     from omegaconf import OmegaConf
 
-    from charlm.build import model_class_capabilities, plain, resolve_precision
     from charlm.cli import compose
+    from charlm.training.build import model_class_capabilities, plain, resolve_precision
 
     total = steps + (SYNC_PROBE if CUDA else 0)  # one validation (eval.max_chars) at the end, after the window
     overrides = [f"model={name}", f"trainer={'gpu' if CUDA else 'cpu'}", *SHARED, *QUIET, f"data.sampling={mode}",

@@ -1,6 +1,6 @@
 """The page's units view (charlm.explain units.*): the text, and under each line a colour strip per top
 unit and one of what holding units cost each character, then where it cost most. Same character layout,
-escaping and hover panel as the surprisal view (charlm.explain_page); the section is (CSS, HTML) for
+escaping and hover panel as the surprisal view (charlm.scoring.explain_page); the section is (CSS, HTML) for
 `render_html(extra=...)`.
 
 A strip is one cell per run of characters whose colour bin is the same, as wide as the run, so a unit
@@ -14,7 +14,7 @@ from itertools import groupby
 
 import numpy as np
 
-from charlm.explain_page import GAIN_EDGES, LN2, _bins, _colours, _legend, _palette, _table, _text_view
+from charlm.scoring.explain_page import GAIN_EDGES, LN2, _bins, _colours, _legend, _palette, _table, _text_view
 from charlm.scoring.units import UnitsFound
 
 UNIT_EDGES = [-0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8]  # activation / the unit's max |activation|

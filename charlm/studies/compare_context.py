@@ -31,8 +31,8 @@ def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool
     except ImportError:
         print(f"charlm.compare: {folder.name}: no effective context (charlm.studies.context is not installed)")
         return False
-    from charlm.build import build_data
     from charlm.checkpoint import load_model
+    from charlm.training.build import build_data
 
     results = _read(folder / "results.json")
     best = folder / "checkpoints" / Path(results.get("best_ckpt") or "last.ckpt").name  # the folder may have moved

@@ -1,7 +1,7 @@
 """The dynamic-evaluation column charlm.compare adds with `dynamic=true`: each run's best checkpoint scored on
 the val split by dynamic evaluation (charlm.scoring.dynamic) into DIR/MODEL-SEED/dynamic.json, then
 DIR/dynamic.md and DIR/dynamic.csv: per model, the static and dynamic val bpc on the same stream and the gain
-(dynamic minus static) seed by seed, with the leaderboard's paired interval (charlm.leaderboard)."""
+(dynamic minus static) seed by seed, with the leaderboard's paired interval (charlm.scoring.leaderboard)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from charlm import cli
 from charlm.atomic import write_atomic, write_json
 from charlm.config import check_keys
 from charlm.errors import ConfigError
-from charlm.leaderboard import _read, paired_difference
 from charlm.scoring.dynamic import DynamicConfig, check_dynamic, evaluate_dynamic
+from charlm.scoring.leaderboard import _read, paired_difference
 from charlm.scoring.significance import LEVEL, holm
 
 COLUMNS = ["model", "static_bpc", "dynamic_bpc", "gain", "gain_se", "gain_low", "gain_high", "gain_p_holm",
@@ -51,8 +51,8 @@ def dynamic_settings(args: list[str]) -> DictConfig:
 def measure_dynamic(folder: Path, train_cfg: DictConfig, args: list[str]) -> bool:
     """The best checkpoint's static and dynamic val figures on one stream into folder/dynamic.json (kept when
     it was measured with the same `args`); False (and one line) if it cannot be measured."""
-    from charlm.build import build_data
     from charlm.checkpoint import load_model
+    from charlm.training.build import build_data
 
     if _read(folder / "dynamic.json").get("args") == list(args):
         return True
@@ -129,7 +129,8 @@ def dynamic_report(out: Path, models: list[str], seeds: list[int]) -> str | None
             "docs/dynamic.md): each segment scored, then one update on it. Both figures are the same stream, so "
             "the gain is like-for-like.\n\n" + "\n".join(lines) + "\n\nΔ: dynamic minus static val bpc on the "
             "same seed (negative: dynamic evaluation helps), averaged over the seeds, ± its standard error; the 95% "
-            "interval by Student's t with n − 1 degrees of freedom (the paired t-test of charlm.leaderboard). * "
+            "interval by Student's t with n − 1 degrees of freedom (the paired t-test of charlm.scoring.leaderboard). "
+            "* "
             "where the gain is significant at 5% after Holm's correction across the models in this table.\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")

@@ -5,7 +5,7 @@ at every position; the norm at position t-k (lag k), averaged over the batch, sh
 of the loss at t can reach back k characters. A vanilla RNN's curve falls off exponentially
 (vanishing) or blows up (exploding); an LSTM's falls slowly; a transformer's is flat-ish.
 
-It works for any model of the one interface (charlm.gradients: a hook on the token embedding the
+It works for any model of the one interface (charlm.training.gradients: a hook on the token embedding the
 model contract names). Models are built from conf/model/NAME.yaml through the same config
 composition as charlm.train; checkpoints are rebuilt with `charlm.checkpoint.load_model`. For
 `birnn` this is the forward direction, what `forward()` returns.
@@ -24,11 +24,11 @@ from charlm.atomic import write_json
 from charlm.checkpoint import load_model
 from charlm.cli import CONF_DIR, compose, hydra_main
 from charlm.config import check_sections
-from charlm.data import CharDataModule
+from charlm.data.datamodule import CharDataModule
 from charlm.errors import ConfigError
-from charlm.gradients import gradient_flow, plot_flow
 from charlm.models.contract import build_model, capabilities
 from charlm.schemas import GradflowTop
+from charlm.training.gradients import gradient_flow, plot_flow
 
 # ---- the CLI ------------------------------------------------------------------------------
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm.gradients import position_grad_norms
 from charlm.models.contract import capabilities
 from charlm.studies.recall import CUE, Task
+from charlm.training.gradients import position_grad_norms
 
 
 def probe_rows(task: Task, lag: int, n: int, seed: int, prefix: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

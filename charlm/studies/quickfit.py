@@ -9,9 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from charlm.build import build
 from charlm.cli import compose
 from charlm.config import check_train
+from charlm.training.build import build
 
 
 def _compose(overrides: list[str]) -> DictConfig:

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from charlm.data import CharDataModule, unit_mismatch
+from charlm.data.datamodule import CharDataModule, unit_mismatch
+from charlm.data.split import split_bounds
+from charlm.data.vocab import CharVocab
 from charlm.errors import CorpusError
-from charlm.split import split_bounds
-from charlm.vocab import CharVocab
 from charlm.yardstick import IGNORE, Batch
 
 SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"   # answers, and the distractors among the fillers

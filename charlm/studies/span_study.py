@@ -7,21 +7,20 @@ charlm.studies.span_report draws the figures and writes REPORT.md's section."""
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from charlm.atomic import write_json
-from charlm.callbacks import GateOpenings
+from charlm.atomic import finite, write_json
 from charlm.cli import CONF_DIR
-from charlm.gradients import position_grad_norms
 from charlm.models.contract import capabilities
 from charlm.studies.probe import gradient_vs_forget, lag_accuracy, span
 from charlm.studies.recall import CUE, RecallAccuracy
 from charlm.studies.span_report import LOW, plot_gates, plot_spans
+from charlm.training.callbacks import GateOpenings
+from charlm.training.gradients import position_grad_norms
 
 
 def available(models) -> tuple[list[str], list[str]]:
@@ -29,17 +28,6 @@ def available(models) -> tuple[list[str], list[str]]:
     names = [models] if isinstance(models, str) else list(models)
     have = [m for m in names if (Path(CONF_DIR) / "model" / f"{m}.yaml").is_file()]
     return have, [m for m in names if m not in have]
-
-
-def finite(obj):
-    """obj with every float that is NaN or infinite replaced by None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def _plain(node) -> dict:

@@ -88,7 +88,7 @@ def plot_units(study: dict, path: Path) -> None:
     """One panel per model and pattern: the excerpt's characters on a grid coloured by the unit's activation."""
     from matplotlib.figure import Figure
 
-    from charlm.explain_page import _glyphs
+    from charlm.scoring.explain_page import _glyphs
 
     models = study["models"]
     patterns = list(next(iter(models.values()))["patterns"])

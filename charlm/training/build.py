@@ -11,7 +11,6 @@ A parameter walks in at most three files: `conf/model/lstm.yaml` (hidden_dim: 25
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
@@ -22,18 +21,18 @@ import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.atomic import atomic_path
-from charlm.budget import BudgetClock, apply_tokens, spread_evals, trainer_overrides
-from charlm.callbacks import GateOpenings, GradFlowCallback, StopAt, TrainClock, ValidateAtEnd
 from charlm.checkpoint import read_checkpoint
-from charlm.data import CharDataModule
+from charlm.data.datamodule import CharDataModule
+from charlm.data.vocab import CharVocab
 from charlm.errors import ConfigError
 from charlm.models.contract import Capabilities, capabilities
-from charlm.module import CharLM
-from charlm.vocab import CharVocab
+from charlm.training.budget import BudgetClock, apply_tokens, spread_evals, trainer_overrides
+from charlm.training.callbacks import GateOpenings, GradFlowCallback, StopAt, TrainClock, ValidateAtEnd
+from charlm.training.fastpath import QuietProfiler, unset_idle_hooks
+from charlm.training.module import CharLM
 
 # Lightning 2.6's pytree helper (lightning/pytorch/utilities/_pytree.py) builds torch's LeafSpec, which
 # torch 2.10+ marks deprecated: one line in every run's log that no charlm user can act on.
@@ -81,7 +80,7 @@ def build_data(cfg: DictConfig, vocab: CharVocab | None = None, caps: Capabiliti
     caps = caps or model_class_capabilities(cfg)
     data_cfg = plain(cfg.data)
     data_cfg["sampling"] = resolve_sampling(cfg, caps)
-    data_cls = get_class(data_cfg.pop("_target_", "charlm.data.CharDataModule"))
+    data_cls = get_class(data_cfg.pop("_target_", "charlm.data.datamodule.CharDataModule"))
     dm = data_cls(vocab=vocab, seed=cfg.seed, **data_cfg)
     dm.prepare()
     return dm
@@ -187,38 +186,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, caps: Capabilities, loggers: l
     unset_idle_hooks(trainer.callbacks)
     apply_tokens(trainer, cfg)  # a tokens budget needs the world size: steps set on the built trainer
     return trainer
-
-
-# The hooks Lightning calls on every callback at every training or validation batch.
-BATCH_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
-               "on_before_zero_grad", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end")
-
-
-def unset_idle_hooks(callbacks: list) -> None:
-    """Unset the per-batch hooks a callback leaves as the base class's no-op, so Lightning skips them.
-
-    Lightning calls each batch hook on every callback, overridden or not, and skips one that is not
-    callable (`_call_callback_hooks`). Inside a training run such a no-op call costs ~8-10 us (the
-    state key, the profiler's context, the call): ~35 a step with charlm's callbacks, ~0.2 ms of a
-    small model's ~20 ms step on a CPU. A hook set on the instance itself is left as it is."""
-    for callback in callbacks:
-        for hook in BATCH_HOOKS:
-            if hook not in vars(callback) and getattr(type(callback), hook) is getattr(L.Callback, hook):
-                setattr(callback, hook, None)
-
-
-class QuietProfiler(PassThroughProfiler):
-    """Lightning's default profiler (it records nothing), without a context manager built per call.
-
-    Lightning enters `profiler.profile(name)` around every hook it calls, about 90 times a training step
-    with charlm's callbacks; the base class builds a generator-based context each time (~1 us), where one
-    shared null context costs ~0.2 us. The trainer gets it unless `trainer.profiler` names another
-    (`+trainer.profiler=simple` for Lightning's timing table)."""
-
-    _nothing = contextlib.nullcontext()
-
-    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
-        return self._nothing
 
 
 @dataclass

@@ -3,10 +3,10 @@
 
 The text column's rows are joined with one newline between rows and written, as UTF-8, into one text
 file in the corpus cache (`cache_dir()/hf/HASH.txt`, named by its content). From there it is a corpus like
-any other (charlm.corpus: encoded once per content hash, its own vocabulary), so the same text read as a
+any other (charlm.data.corpus: encoded once per content hash, its own vocabulary), so the same text read as a
 plain file gives the same ids. Line ends are read as text files are read: "\\r\\n" and "\\r" become "\\n".
 
-Splits: by default the dataset's `train` split is joined and cut by charlm (`charlm.split`). With
+Splits: by default the dataset's `train` split is joined and cut by charlm (`charlm.data.split`). With
 `data.hf_splits` ({train: train, val: validation, test: test}) each of charlm's splits is that split's
 text, written one after another into the same file (one vocabulary for all), and charlm does not cut again.
 `data.max_chars=N` keeps the first N characters of the joined train text, streaming the rows when the
@@ -28,10 +28,10 @@ from typing import Any, Optional
 
 import torch
 
-from charlm.corpus import cache_dir
-from charlm.data import CharDataModule
+from charlm.data.corpus import cache_dir
+from charlm.data.datamodule import CharDataModule
+from charlm.data.vocab import CharVocab
 from charlm.errors import ConfigError, CorpusError
-from charlm.vocab import CharVocab
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what `save_to_disk` writes
@@ -65,7 +65,7 @@ class HFText:
 
 def is_hf(data_cfg: Mapping) -> bool:
     """Whether a data config reads a Hugging Face dataset (data=hf)."""
-    return str(data_cfg.get("_target_", "")).startswith("charlm.hf.")
+    return str(data_cfg.get("_target_", "")).startswith("charlm.data.hf.")
 
 
 def check_source(dataset: str | None, path: str | None, hf_splits: Mapping | None) -> dict[str, str] | None:

@@ -21,7 +21,7 @@ def unit_label(unit: str) -> str:
 
 def id_dtype(n_symbols: int) -> np.dtype:
     """The compact dtype for the ids of `n_symbols` symbols: uint8 up to 256, uint16 up to 32,768, uint32 above.
-    uint16 stops at 2**15 so that its ids read the same as int16, a type torch computes with (charlm.corpus)."""
+    uint16 stops at 2**15 so that its ids read the same as int16, a type torch computes with (charlm.data.corpus)."""
     return np.dtype(np.uint8 if n_symbols <= 256 else np.uint16 if n_symbols <= 1 << 15 else np.uint32)
 
 

@@ -8,7 +8,7 @@ keeps the summary of a multirun up to date:
     hydra:
       callbacks:
         summary:
-          _target_: charlm.summary.SweepSummary
+          _target_: charlm.scoring.summary.SweepSummary
 
 Hydra 1.3's basic sweeper runs every job of a batch, then re-raises the first failed job's
 exception: the jobs of later batches never run and `on_multirun_end` is never called. So the

@@ -8,23 +8,22 @@ every character scored once, the state carried between batches unless a batch sa
 
 from __future__ import annotations
 
-import inspect
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils._pytree import tree_map
 
-from charlm.budget import BudgetClock
 from charlm.checkpoint import check_hparams, read_checkpoint
+from charlm.data.vocab import CharVocab
 from charlm.errors import DivergenceError
 from charlm.generate import generate, readable
 from charlm.models.contract import build_model, capabilities
 from charlm.rng import StepDraws, rng_state, set_rng_state
-from charlm.vocab import CharVocab
+from charlm.training.budget import BudgetClock
+from charlm.training.fastpath import FastPathModule, store_signature
 from charlm.yardstick import IGNORE
 
 
@@ -34,7 +33,7 @@ def _detach(state):
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, state)
 
 
-class CharLM(L.LightningModule):
+class CharLM(FastPathModule):
     """Next-character cross-entropy, clipping with statistics, full val passes, samples at each validation.
 
     All arguments are plain data (they are saved in the checkpoint and rebuild the model with
@@ -71,12 +70,6 @@ class CharLM(L.LightningModule):
         self.max_loss = divergence_factor * math.log(len(self.vocab)) if divergence_factor else math.inf
         self.register_buffer("clip_count", torch.zeros((), dtype=torch.long), persistent=True)
         self.samples: list[list] = []
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "_current_fx_name":  # Lightning sets it (a str or None) twice around each hook call, ~35 a
-            object.__setattr__(self, name, value)  # step: where nn.Module's checks would put it, ~1.3 us less
-            return
-        super().__setattr__(name, value)
 
     def forward(self, idx, state=None):
         return self.model(idx, state)
@@ -116,28 +109,12 @@ class CharLM(L.LightningModule):
             self._write_train_log(step)
         return loss
 
-    # Lightning reads training_step's signature at every step (whether to pass batch_idx); a stored
-    # signature spares inspect ~12 us of rebuilding it (~50 us inside a run, where caches are cold)
-    training_step.__signature__ = inspect.signature(training_step)
+    training_step = store_signature(training_step)  # Lightning reads it every step (charlm.training.fastpath)
 
     def _log_now(self) -> bool:
         """True on the logging steps (every `log_every_n_steps`, counted before this step's optimizer
         step, as Lightning counts them)."""
         return (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
-
-    def _write_train_log(self, step: int) -> None:
-        """Write the logging step's training metrics to the loggers, as Lightning writes `self.log`'s
-        (floats, with the epoch, at the step's index), and keep the loss for the progress bar.
-
-        Through `self.log` they would stay in Lightning's result collection, which it walks at every
-        step, logged or not: ~55 us a step inside a small model's run on a CPU, for four metrics."""
-        # detached first: float() of a tensor still in the graph (the loss) warns
-        metrics = {name: float(v.detach() if isinstance(v, torch.Tensor) else v) for name, v in self._train_log.items()}
-        self._train_log.clear()
-        self.train_loss = metrics["train/loss"]
-        for logger in self.loggers:
-            logger.log_metrics(metrics | {"epoch": self.current_epoch}, step=step)
-            logger.save()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip (grads are already unscaled here under AMP) and log the pre-clip global norm."""
@@ -262,7 +239,7 @@ class CharLM(L.LightningModule):
         optimizer = instantiate(optim, _convert_="all")(groups)
         if not self.hparams.scheduler:
             return optimizer
-        schedule = instantiate(dict(self.hparams.scheduler), _convert_="all")  # charlm.schedule.ProgressSchedule
+        schedule = instantiate(dict(self.hparams.scheduler), _convert_="all")  # a ProgressSchedule
         clock = self._budget_clock()
         if clock is not None and (moved := clock.resumed_progress()) is not None:
             schedule.extend(*moved)  # resumed on a longer horizon: decay from where the LR was, never up
@@ -270,7 +247,7 @@ class CharLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _budget_clock(self):
-        """The run's one clock (charlm.budget.BudgetClock), when the trainer has one."""
+        """The run's one clock (charlm.training.budget.BudgetClock), when the trainer has one."""
         trainer = self._trainer
         return next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None) if trainer else None
 

@@ -2,7 +2,7 @@
 read from each run folder's results.json, curve.json, context.json and job.json (never from logs).
 
 Seeds are paired: seed s gives every model the same initial RNG state, and models that sample random
-windows of the same shape the same windows (charlm.data: batch k is a function of (seed, k) alone). Each
+windows of the same shape the same windows (charlm.data.datamodule: batch k is a function of (seed, k) alone). Each
 model is set against the leader (lowest mean val bpc) seed by seed: the mean of (model - leader) over the
 seeds both finished and its standard error, sd(differences) / sqrt(n). The seeds are independent runs, so
 that standard error holds whether or not the pairing makes the two models' results move together.

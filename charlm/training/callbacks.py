@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from charlm.atomic import write_json
-from charlm.gradients import gradient_flow, plot_flow
 from charlm.models.contract import capabilities
+from charlm.training.gradients import gradient_flow, plot_flow
 
 
 def _sync() -> None:

@@ -102,7 +102,7 @@ class BudgetClock(L.Callback):
     same shared figures on every rank.
 
     Its state (the horizon the run was started with, and the progress reached) is saved in the checkpoint;
-    a resume on a longer horizon is an extension (charlm.schedule): the LR decays from where it was.
+    a resume on a longer horizon is an extension (charlm.training.schedule): the LR decays from where it was.
     """
 
     def __init__(self, seconds: float | None = None, evals: int | None = None):
@@ -220,7 +220,7 @@ class BudgetClock(L.Callback):
         self.done = True
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler
-            schedule = getattr(sched, "progress_schedule", None)  # charlm.schedule.ProgressLR
+            schedule = getattr(sched, "progress_schedule", None)  # charlm.training.schedule.ProgressLR
             if schedule is None:
                 continue
             lrs = [base * schedule.factor(sched.last_epoch, 1.0) for base in sched.base_lrs]

@@ -1,4 +1,4 @@
-"""CharDataModule: a corpus (charlm.corpus) -> ids -> random windows or contiguous streams for training,
+"""CharDataModule: a corpus (charlm.data.corpus) -> ids -> random windows or contiguous streams for training,
 and the yardstick's passes (charlm.yardstick) for validation.
 
 Batch k of training is a pure function of (seed, k), so a resumed run draws exactly the
@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from charlm.corpus import CHUNK_IDS, _cache_folder, encode_corpus, id_view
+from charlm.data.corpus import _cache_folder, encode_corpus, id_view
+from charlm.data.ids import CHUNK_IDS
+from charlm.data.split import SPLITS, split_slice
+from charlm.data.vocab import UNITS, CharVocab
 from charlm.errors import CorpusError
-from charlm.split import SPLITS, split_slice
-from charlm.vocab import UNITS, CharVocab
 from charlm.yardstick import Batch, eval_dataset
 
 
@@ -145,7 +146,7 @@ class CharDataModule(L.LightningDataModule):
 
     def read_corpus(self, path: str | None = None) -> tuple[CharVocab, torch.Tensor, dict[str, slice] | None]:
         """The vocabulary and ids of the corpus at `path` (default data.path), and where each split lies when
-        the corpus brings its own splits (None: charlm's cut). charlm.hf reads a Hugging Face dataset here."""
+        the corpus brings its own splits (None: charlm's cut). charlm.data.hf reads a Hugging Face dataset here."""
         return (*encode_corpus(path or self.path, self.errors, self.unit), None)
 
     def prepare(self) -> None:
