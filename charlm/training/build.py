@@ -6,7 +6,8 @@ a model (train, compare, report, gradflow, sweep, the benchmark) goes through he
         --build_trainer> lightning.Trainer (loggers, callbacks, precision from the config groups)
 
 A parameter walks in at most three files: `conf/model/lstm.yaml` (hidden_dim: 256) -> this module
-(`instantiate(cfg.model)` inside CharLM) -> `charlm/models/rnn.py` (`RNNLM(hidden_dim=...)`).
+(`build_module` hands cfg.model to CharLM, whose `charlm.models.contract.build_model` runs Hydra's `instantiate`)
+-> `charlm/models/rnn.py` (`RNNLM(hidden_dim=...)`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Learning-rate schedules as functions of progress p in [0, 1] (`scheduler._target_` in conf/scheduler/).
 
-Progress is the fraction of the run's budget spent, read from one clock (`charlm.training.callbacks.BudgetClock`):
+Progress is the fraction of the run's budget spent, read from one clock (`charlm.training.budget.BudgetClock`):
 step / max_steps in a step run (a tokens budget is a step run), Lightning's Timer elapsed / seconds under
 `budget.seconds`. So the same schedule anneals to its floor at the end of any budget, and the LR reaches
 the floor exactly when the run stops.
