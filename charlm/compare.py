@@ -38,19 +38,11 @@ from charlm.studies.compare_context import context_report, measure_context
 from charlm.studies.compare_dynamic import dynamic_report, dynamic_settings, measure_dynamic, pack_dynamic
 from charlm.train import check_config, pick_trainer, run
 from charlm.training import rundir
-from charlm.training.budget import MIN_SECONDS, tokens_per_step
+from charlm.schemas import BudgetConfig
+from charlm.training.budget import DEFAULT_EVALS, check_budget, tokens_per_step
 
 KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "context_seeds",
         "dynamic", "dynamic_args", "hydra"}  # compare's own
-
-
-@dataclass
-class Budget:
-    """Every run's budget, handed to charlm.train as its own `budget.*` keys (charlm.training.budget)."""
-
-    seconds: Optional[float] = None
-    tokens: Optional[int] = None
-    evals: int = 6
 
 
 @dataclass
@@ -134,7 +126,7 @@ def plan_entry(cfg: DictConfig, recipes: dict, model: str, seed: int) -> tuple[l
                                 *OmegaConf.to_container(cfg.overrides, resolve=False), f"seed={seed}"]))
     b = cfg.budget
     size = f"budget.seconds={b.seconds:g}" if b.seconds is not None else f"budget.tokens={b.tokens}"
-    overrides = dedupe(base + [size, f"budget.evals={b.evals}"])
+    overrides = dedupe(base + [size, f"budget.evals={b.evals or DEFAULT_EVALS}"])
     train_cfg = compose_train(overrides, model)
     try:
         check_config(train_cfg)
@@ -145,16 +137,8 @@ def plan_entry(cfg: DictConfig, recipes: dict, model: str, seed: int) -> tuple[l
 
 def selection(cfg: DictConfig) -> tuple[dict, list[str], list[int]]:
     """Compare's own keys checked; the recipes, the models and the seeds they name."""
-    check_sections(cfg, {"budget": Budget}, CompareTop)
-    b = cfg.budget
-    if (b.seconds is None) == (b.tokens is None):
-        raise ConfigError("give exactly one budget: budget.seconds=S (wall seconds per run) or budget.tokens=N")
-    if b.seconds is not None and b.seconds < MIN_SECONDS:  # tokens: at least one step, checked per model by train
-        raise ConfigError(f"budget.seconds={b.seconds:g}: must be >= {MIN_SECONDS} (start-up and the first "
-                          "validation alone take seconds)")
-    for key in ("tokens", "evals"):
-        if b[key] is not None and b[key] < 1:
-            raise ConfigError(f"budget.{key}={b[key]}: must be >= 1")
+    check_sections(cfg, {"budget": BudgetConfig}, CompareTop)
+    check_budget(cfg, one_kind=True)  # tokens: at least one step, checked per model by train
     if cfg.context_positions < 1:
         raise ConfigError(f"context_positions={cfg.context_positions}: must be >= 1")
     if cfg.context_seeds < 1:
@@ -187,8 +171,9 @@ def default_dir(cfg: DictConfig, argv: list[str]) -> list[str]:
         return argv
     b = cfg.budget
     tag = f"{recipe_path(str(cfg.recipes)).stem}-" + (f"{b.seconds:g}s" if b.seconds is not None else f"{b.tokens}tok")
-    extra = json.dumps([OmegaConf.to_container(cfg.overrides, resolve=False), b.evals])  # not context: no retraining
-    if extra != json.dumps([[], Budget.evals]):
+    evals = b.evals or DEFAULT_EVALS
+    extra = json.dumps([OmegaConf.to_container(cfg.overrides, resolve=False), evals])  # not context: no retraining
+    if extra != json.dumps([[], DEFAULT_EVALS]):
         tag += "-" + hashlib.sha1(extra.encode()).hexdigest()[:8]
     return [*argv, f"hydra.run.dir='{Path('outputs') / 'compare' / tag}'"]
 

@@ -18,7 +18,7 @@ from charlm.data.vocab import unit_label
 from charlm.explain import explain_run
 from charlm.generate import readable, samples
 from charlm.scoring.cold_start import cold_start_line, cold_start_loss
-from charlm.training.budget import BudgetClock, budget_record, final_lr, tokens_per_step
+from charlm.training.budget import budget_record, final_lr, tokens_per_step
 from charlm.training.build import Built
 from charlm.training.callbacks import TrainClock
 from charlm.training.module import load_charlm
@@ -66,7 +66,7 @@ def results_of(built: Built, cfg: DictConfig, run_dir: Path, resume: dict | None
     steps_run = trainer.global_step - (resume["global_step"] if resume else 0)
     tokens = steps_run * tokens_per_step(cfg.data.batch_size, cfg.data.block_size, trainer.world_size,
                                          trainer.accumulate_grad_batches)
-    budget_clock = built.callback(BudgetClock)
+    budget_clock = built.clock
     # as charlm.sample samples (a byte model reads the prompt's UTF-8 bytes), but what the vocabulary lacks is
     # dropped: the budget is spent, so this must not fail; stored as text (bytes decoded as UTF-8)
     vocab, g = ev["model"].vocab, torch.Generator().manual_seed(cfg.seed)

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 
 from charlm.errors import ConfigError
 
+DEFAULT_EVALS = 6  # validations a budget spreads when budget.evals is null
 MIN_SECONDS = 10  # below this, start-up and the first validation dominate: not a budget worth training
 
 
@@ -36,17 +37,23 @@ def steps_for_tokens(tokens: int, per_step: int) -> int:
     return -(-int(tokens) // per_step)
 
 
-def check_budget(cfg) -> None:
-    """Refuse an impossible budget in one line: both kinds, seconds under MIN_SECONDS, tokens under one step."""
+def check_budget(cfg, one_kind: bool = False) -> None:
+    """Refuse an impossible budget in one line: both kinds (or, with `one_kind`, not exactly one), seconds
+    under MIN_SECONDS, tokens under one step (under 1 when `cfg` has no `data`: compare, whose models each
+    check their own step later), evals under 1."""
     b = cfg.get("budget")
     if not b:
         return
+    if one_kind and (b.get("seconds") is None) == (b.get("tokens") is None):
+        raise ConfigError("give exactly one budget: budget.seconds=S (wall seconds per run) or budget.tokens=N")
     if b.get("seconds") is not None and b.get("tokens") is not None:
         raise ConfigError("budget: give budget.seconds or budget.tokens, not both")
     if b.get("seconds") is not None and b.seconds < MIN_SECONDS:
-        raise ConfigError(f"budget.seconds={b.seconds}: must be >= {MIN_SECONDS} (start-up and the first "
+        raise ConfigError(f"budget.seconds={b.seconds:g}: must be >= {MIN_SECONDS} (start-up and the first "
                           "validation alone take seconds)")
-    if b.get("tokens") is not None:
+    if b.get("tokens") is not None and cfg.get("data") is None and b.tokens < 1:
+        raise ConfigError(f"budget.tokens={b.tokens}: must be >= 1")
+    if b.get("tokens") is not None and cfg.get("data") is not None:
         per = tokens_per_step(cfg.data.batch_size, cfg.data.block_size, 1,
                               cfg.trainer.get("accumulate_grad_batches", 1))
         if b.tokens < per:
@@ -62,7 +69,7 @@ def trainer_overrides(cfg) -> dict:
     b = cfg.get("budget") or {}
     if b.get("seconds") is None:
         return {}
-    evals = b.get("evals") or 6  # the clock decides when to validate (BudgetClock); Lightning's time mode keeps
+    evals = b.get("evals") or DEFAULT_EVALS  # the clock decides when to validate (BudgetClock); Lightning's time mode keeps
     return {"max_time": timedelta(seconds=float(b.seconds)), "max_steps": -1,  # checkpoints for validation ends
             "val_check_interval": timedelta(seconds=float(b.seconds) / evals)}
 
@@ -75,7 +82,7 @@ def apply_tokens(trainer: L.Trainer, cfg) -> None:
                               trainer.accumulate_grad_batches)
         trainer.fit_loop.epoch_loop.max_steps = steps_for_tokens(b.tokens, per)
     if b.get("seconds") is None and (b.get("tokens") is not None or b.get("evals") is not None):
-        evals = b.get("evals") or 6  # the steps are the clock's to pick (BudgetClock); Lightning's interval is moot
+        evals = b.get("evals") or DEFAULT_EVALS  # the steps are the clock's to pick (BudgetClock); Lightning's interval is moot
         trainer.val_check_interval = max(1, trainer.max_steps // evals)
 
 
@@ -85,7 +92,7 @@ def spread_evals(cfg) -> int | None:
     b = cfg.get("budget") or {}
     if b.get("seconds") is None and b.get("tokens") is None and b.get("evals") is None:
         return None
-    return int(b.get("evals") or 6)
+    return int(b.get("evals") or DEFAULT_EVALS)
 
 
 class BudgetClock(L.Callback):
@@ -233,13 +240,7 @@ class BudgetBar(TQDMProgressBar):
     """Lightning's progress bar, counting the budget: seconds under `budget.seconds` (elapsed/total s and a
     true ETA), steps otherwise (continuing from a resumed step). Never a placeholder step limit."""
 
-    _clock_for: tuple = (None, None)  # (trainer, its BudgetClock or None)
-
-    def _clock(self, trainer) -> BudgetClock | None:
-        """The trainer's clock, looked up once per trainer (the bar reads it every step)."""
-        if self._clock_for[0] is not trainer:
-            self._clock_for = (trainer, next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None))
-        return self._clock_for[1]
+    clock: BudgetClock | None = None  # the run's clock, handed over by charlm.training.build (None: count steps)
 
     def get_metrics(self, trainer, pl_module) -> dict:
         """Lightning's bar metrics, led by the training loss at the last logging step (CharLM.train_loss)."""
@@ -249,7 +250,7 @@ class BudgetBar(TQDMProgressBar):
 
     def _position(self, trainer) -> tuple[float | None, float]:
         """(total, done) of the budget, in seconds or steps."""
-        clock = self._clock(trainer)
+        clock = self.clock
         if clock is not None and clock.seconds is not None:
             return float(clock.seconds), round(min(clock.elapsed(), clock.seconds), 1)
         return (trainer.max_steps if trainer.max_steps > 0 else None), trainer.global_step
@@ -259,7 +260,7 @@ class BudgetBar(TQDMProgressBar):
         total, done = self._position(trainer)
         bar = self.train_progress_bar
         bar.total, bar.n = total, done
-        clock = self._clock(trainer)
+        clock = self.clock
         if clock is not None and clock.seconds is not None:
             bar.unit = "s"
             bar.set_description("budget")

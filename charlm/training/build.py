@@ -30,7 +30,7 @@ from charlm.data.datamodule import CharDataModule
 from charlm.data.vocab import CharVocab
 from charlm.errors import ConfigError
 from charlm.models.contract import Capabilities, capabilities
-from charlm.training.budget import BudgetClock, apply_tokens, spread_evals, trainer_overrides
+from charlm.training.budget import BudgetBar, BudgetClock, apply_tokens, spread_evals, trainer_overrides
 from charlm.training.callbacks import GateOpenings, GradFlowCallback, StopAt, TrainClock, ValidateAtEnd
 from charlm.training.fastpath import QuietProfiler, unset_idle_hooks
 from charlm.training.module import CharLM
@@ -138,9 +138,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resume_wandb_id: str | None = 
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, dm: CharDataModule, loggers: list) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, run_dir: Path, dm: CharDataModule, loggers: list,
+                    clock: BudgetClock) -> list[L.Callback]:
     """The `callbacks` group (ModelCheckpoint into RUN_DIR/checkpoints, LR monitor, progress bar,
-    early stopping when chosen), then charlm's own: final validation, clock, gates, data-task metrics."""
+    early stopping when chosen), then charlm's own: final validation, the run's clock, gates, data-task
+    metrics. The progress bar is handed the clock."""
     callbacks = []
     for entry in (cfg.get("callbacks") or {}).values():
         if entry is None:
@@ -150,9 +152,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dm: CharDataModule, loggers:
             continue  # it needs a logger
         kwargs = {"dirpath": str(run_dir / "checkpoints")} if target.endswith(("ModelCheckpoint", "BestCheckpoint")) \
             else {}
-        callbacks.append(instantiate(entry, **kwargs, _convert_="all"))
-    budget = cfg.get("budget") or {}
-    callbacks += [ValidateAtEnd(), TrainClock(), BudgetClock(budget.get("seconds"), spread_evals(cfg)), *dm.callbacks()]
+        callback = instantiate(entry, **kwargs, _convert_="all")
+        if isinstance(callback, BudgetBar):
+            callback.clock = clock
+        callbacks.append(callback)
+    callbacks += [ValidateAtEnd(), TrainClock(), clock, *dm.callbacks()]
     if cfg.get("gates_every"):
         callbacks.append(GateOpenings(every_n_val=int(cfg.gates_every)))
     if cfg.get("gradflow_every"):  # the gradient-flow curve every N validations (W&B plot + RUN_DIR/gradflow/)
@@ -200,6 +204,7 @@ class Built:
     model_name: str
     params: int
     loggers: list = field(default_factory=list)
+    clock: BudgetClock | None = None  # the run's one clock, also handed to the module and the progress bar
 
     def callback(self, cls: type):
         """The trainer's callback of this type (None if absent)."""
@@ -216,8 +221,10 @@ def build(cfg: DictConfig, run_dir: Path, model_name: str, vocab: CharVocab | No
     caps = configure_eval(cfg, dm, module.model)
     params = sum(p.numel() for p in module.model.parameters())
     loggers = build_loggers(cfg, run_dir, resume_wandb_id)
-    callbacks = build_callbacks(cfg, run_dir, dm, loggers) + list(extra_callbacks)
+    clock = BudgetClock((cfg.get("budget") or {}).get("seconds"), spread_evals(cfg))
+    module.budget_clock = clock  # the schedule's progress
+    callbacks = build_callbacks(cfg, run_dir, dm, loggers, clock) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, caps, loggers, callbacks)
     for logger in loggers:
         logger.log_hyperparams(plain(cfg) | {"params": params})
-    return Built(dm, module, trainer, caps, model_name, params, loggers)
+    return Built(dm, module, trainer, caps, model_name, params, loggers, clock)

@@ -40,6 +40,9 @@ class CharLM(FastPathModule):
     `CharLM.load_from_checkpoint(path)`, which needs no data folder and checks them: `load_charlm`).
     """
 
+    # the run's one clock, handed over by charlm.training.build; None (a bare Trainer): step / max_steps
+    budget_clock: BudgetClock | None = None
+
     def __init__(
         self,
         model: dict,
@@ -240,16 +243,11 @@ class CharLM(FastPathModule):
         if not self.hparams.scheduler:
             return optimizer
         schedule = instantiate(dict(self.hparams.scheduler), _convert_="all")  # a ProgressSchedule
-        clock = self._budget_clock()
+        clock = self.budget_clock
         if clock is not None and (moved := clock.resumed_progress()) is not None:
             schedule.extend(*moved)  # resumed on a longer horizon: decay from where the LR was, never up
         scheduler = schedule.lambda_lr(optimizer, clock.progress if clock is not None else self._step_progress)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _budget_clock(self):
-        """The run's one clock (charlm.training.budget.BudgetClock), when the trainer has one."""
-        trainer = self._trainer
-        return next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None) if trainer else None
 
     def _step_progress(self) -> float:
         """Progress without a clock (a bare Trainer): step / max_steps."""
