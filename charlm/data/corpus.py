@@ -89,9 +89,6 @@ def id_view(ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(ids)
 
 
-_torch_ids = id_view  # the older name
-
-
 def corpus_key(files: list[str], errors: str) -> str:
     """Content hash of the corpus files (and the decode policy): the cache key."""
     h = hashlib.sha256(errors.encode())
@@ -159,16 +156,17 @@ def read_corpus(data: Mapping) -> tuple[CharVocab, torch.Tensor]:
     return encode_corpus(data.get("path"), data.get("errors", "strict"), data.get("unit", "char"))
 
 
-def _cache_folder() -> Path:
-    """cache_dir(), or a fresh temporary folder when it cannot be written (a read-only home)."""
-    folder = cache_dir()
+def writable_cache(sub: str = "", prefix: str = "charlm-") -> Path:
+    """cache_dir()/sub, made if missing, or a fresh temporary folder (named PREFIX...) when it cannot be
+    written (a read-only home)."""
+    folder = cache_dir() / sub
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".probe.{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError:
-        folder = Path(tempfile.mkdtemp(prefix="charlm-"))
+        folder = Path(tempfile.mkdtemp(prefix=prefix))
     return folder
 
 
@@ -202,7 +200,7 @@ def _encode(files: list[str], key: str, unit: str, chunks, where: str) -> tuple[
     `chunks(h, bar)` yields the corpus's symbols (code points, or byte values) a chunk at a time, feeding the
     hash `h`, checked against `key` at the end (the files must not change meanwhile). The ids file is written
     atomically, then the vocabulary and the meta file (last)."""
-    folder = _cache_folder()
+    folder = writable_cache()
     ids_path, vocab_path, meta_path = (folder / f"{key}.{x}" for x in ("ids.npy", "vocab.json", "meta.json"))
     cached = _cached_ids(ids_path, vocab_path, meta_path, key)
     if cached is None or cached[0].unit != unit:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from charlm.data.corpus import _cache_folder, encode_corpus, id_view
+from charlm.data.corpus import encode_corpus, id_view, writable_cache
 from charlm.data.ids import CHUNK_IDS
 from charlm.data.split import SPLITS, split_slice
 from charlm.data.vocab import UNITS, CharVocab
@@ -41,7 +41,7 @@ def relabel(ids: torch.Tensor, table: np.ndarray, dtype: np.dtype) -> tuple[torc
     pass a chunk at a time into an unnamed file in the cache folder, memory-mapped after: never a copy of the
     corpus in memory. Returns the new ids (stored as `dtype`) and how many were dropped."""
     src, dropped = ids.numpy(), 0
-    with tempfile.TemporaryFile(prefix="charlm-ids-", dir=_cache_folder()) as fh:
+    with tempfile.TemporaryFile(prefix="charlm-ids-", dir=writable_cache()) as fh:
         for a in range(0, len(src), CHUNK_IDS):
             out = table[src[a : a + CHUNK_IDS]]
             if not (keep := out >= 0).all():

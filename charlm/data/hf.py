@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from charlm.data.corpus import cache_dir
+from charlm.data.corpus import writable_cache
 from charlm.data.datamodule import CharDataModule
 from charlm.data.vocab import CharVocab
 from charlm.errors import ConfigError, CorpusError
@@ -199,22 +199,10 @@ def joined(texts: Iterator[str], max_chars: int | None = None) -> Iterator[str]:
         yield tail
 
 
-def _text_folder() -> Path:
-    folder = cache_dir() / "hf"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError:  # read-only home: a temporary folder
-        folder = Path(tempfile.mkdtemp(prefix="charlm-hf-"))
-    return folder
-
-
 def write_text(parts: list[tuple[str, Iterator[str]]], where: str, own_splits: bool) -> HFText:
     """Write each (charlm split, text pieces) one after another into one UTF-8 file named by its content
     hash; an empty train split is a CorpusError and leaves nothing behind."""
-    folder = _text_folder()
+    folder = writable_cache("hf", prefix="charlm-hf-")
     fd, tmp = tempfile.mkstemp(prefix=".hf.", suffix=".txt", dir=folder)
     lengths: dict[str, tuple[int, int]] = {}
     h = hashlib.sha256()
