@@ -60,3 +60,65 @@ def test_shipped_files_name_no_folder_outside_the_checkout():
     hits = [f"{f.relative_to(ROOT)}:{n}: {line.strip()}" for f in files if f.is_file()
             for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if OUTSIDE.search(line)]
     assert not hits, "\n".join(hits)
+
+
+# A figure of four or more significant digits; dates (2026-12-04) and years (Beck et al. 2024) are not figures.
+TOKEN = re.compile(r"(?<![\w.,-])-?\d[\d,.]*(?<=\d)(?![\w-])")   # digits with their sign, commas and point
+NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")   # not a version (2.13.0) or a list (1,2)
+YEAR = re.compile(r"(19|20)\d\d")
+
+
+def significant(figure: str) -> int:
+    """Significant digits as written: leading zeros never count, an integer's trailing zeros do not either."""
+    digits = figure.replace(",", "")
+    if "." not in digits:
+        return len(digits.strip("0"))
+    return len(digits.replace(".", "").lstrip("0"))
+
+
+def figures(text: str) -> list[str]:
+    """The figures of four or more significant digits in `text`, as written (commas kept)."""
+    return [m[0] for m in TOKEN.finditer(text)
+            if NUMBER.fullmatch(m[0].lstrip("-")) and significant(m[0].lstrip("-")) >= 4 and not YEAR.fullmatch(m[0])]
+
+
+def recorded(texts: list[str]) -> set[str]:
+    """Every number in `texts`, as written without commas and rounded to 0-4 decimals: what a figure may quote."""
+    found = set()
+    for text in texts:
+        for m in re.finditer(r"\d[\d,]*(?:\.\d+)?", text):
+            plain = m[0].replace(",", "")
+            if not re.fullmatch(r"\d+(?:\.\d+)?", plain):
+                continue
+            found.add(plain)
+            found.update(f"{float(plain):.{d}f}" for d in range(5))
+    return found
+
+
+def test_the_figure_check_counts_significant_digits_and_accepts_rounding():
+    assert figures("calibration 23,237 tokens/s; 2.1492 bpc; 0.0190 sd; 2,900 steps; 1024 chars") == \
+        ["23,237", "2.1492", "1024"]
+    assert figures("Beck et al. 2024, on 2026-12-04, 3e-4, 1x384, torch 2.13.0, 111,539.") == ["111,539"]
+    assert figures("1.4897 / 2.1492, 1.5263; 266 s; (-0.0372 to -0.2204)") == ["1.4897", "2.1492", "1.5263", "-0.2204"]
+    known = recorded(['{"calibration_tokens_per_s": 24485.96171, "best_val_bpc": 2.14917948}'])
+    assert "24486" in known and "2.1492" in known and "2.1493" not in known and "24487" not in known
+
+
+def test_readme_quickstart_names_make_test_early():
+    head = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:40]
+    assert any("make test" in line for line in head), "README.md: `make test` is not in the first 40 lines"
+
+
+def test_every_readme_figure_comes_from_a_record():
+    """A README figure of four or more significant digits is in a committed file under results/."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True)
+    files = ([ROOT / f for f in listed.stdout.split()] if listed.returncode == 0 and listed.stdout
+             else sorted((ROOT / "results").rglob("*")))                # not a git checkout: every file there
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files
+             if f.is_file() and f.suffix in (".md", ".json", ".csv")]
+    known = recorded(texts)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [f for f in figures(readme) if f.lstrip("-").replace(",", "") not in known]
+    assert not missing, f"README.md quotes figures no file under results/ holds: {missing}"
