@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,32 @@ def _compose_error_line(e: Exception) -> str:
         key = msg.split("'")[1]
         msg = f"no such config key {key!r} (check its spelling; `+{key}=...` adds a new key on purpose)"
     return msg
+
+
+def override_key(arg: str) -> str:
+    """The key of a `key=value` argument, without Hydra's `+`/`++`/`~` prefix."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def dedupe(args: list[str]) -> list[str]:
+    """Later arguments for the same key win (Hydra would refuse the repeat)."""
+    last = {override_key(a): a for a in args}
+    return [a for a in args if last[override_key(a)] is a]
+
+
+def quote_free_text(argv: list[str], keys: tuple[str, ...], verbatim: tuple[str, ...] = ()) -> list[str]:
+    """Let free text (`prompt=To be, or not`) pass through Hydra's override grammar verbatim: a value of
+    `keys` is quoted unless it already is, a value of `verbatim` always (a regex may start with a quote)."""
+    out = []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        name = key.lstrip("+")
+        if eq and name in verbatim:  # backslashes doubled only before a quote, so it reads back as given
+            a = f"{key}='" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
+        elif eq and name in keys and value[:1] not in ("'", '"'):
+            a = f"{name}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(a)
+    return out
 
 
 def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:

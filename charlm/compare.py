@@ -31,14 +31,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from charlm import cli
 from charlm.atomic import finite, write_json
+from charlm.cli import dedupe, override_key
 from charlm.config import check_sections
 from charlm.errors import ConfigError
+from charlm.schemas import BudgetConfig
 from charlm.scoring.leaderboard import _read, write_outputs
 from charlm.studies.compare_context import context_report, measure_context
 from charlm.studies.compare_dynamic import dynamic_report, dynamic_settings, measure_dynamic, pack_dynamic
 from charlm.train import check_config, pick_trainer, run
 from charlm.training import rundir
-from charlm.schemas import BudgetConfig
 from charlm.training.budget import DEFAULT_EVALS, check_budget, tokens_per_step
 
 KEYS = {"models", "seeds", "recipes", "overrides", "budget", "context", "context_positions", "context_seeds",
@@ -60,21 +61,11 @@ class CompareTop:
     dynamic_args: List[str] = field(default_factory=list)   # its settings: the command line's dynamic.KEY=VALUE
 
 
-def _key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
-
-
-def dedupe(args: list[str]) -> list[str]:
-    """Later arguments for the same key win (Hydra would refuse the repeat)."""
-    last = {_key(a): a for a in args}
-    return [a for a in args if last[_key(a)] is a]
-
-
 def pack_args(argv: list[str]) -> list[str]:
     """Compare's own arguments as given; every other key=value goes into `overrides=[...]` (train overrides)."""
-    own = [a for a in argv if a.startswith("-") or "=" not in a or _key(a).split(".")[0] in KEYS]
+    own = [a for a in argv if a.startswith("-") or "=" not in a or override_key(a).split(".")[0] in KEYS]
     train = [a for a in argv if a not in own]
-    if train and any(_key(a) == "overrides" for a in own):
+    if train and any(override_key(a) == "overrides" for a in own):
         print("error: give train overrides as key=value arguments or in overrides=[...], not both", file=sys.stderr)
         sys.exit(2)
     quoted = ",".join("'" + a.replace("'", "\\'") + "'" for a in train)

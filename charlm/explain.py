@@ -11,7 +11,6 @@ on the same text. Needs torch and the model, not Lightning. The page is drawn by
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 
 from charlm.atomic import write_json
 from charlm.checkpoint import load_model
-from charlm.cli import hydra_main
+from charlm.cli import hydra_main, quote_free_text
 from charlm.config import check_keys, check_sections
 from charlm.data.corpus import encode_corpus
 from charlm.data.split import split_slice
@@ -243,23 +242,10 @@ def explain(cfg: DictConfig) -> list[Trace]:
     return traces
 
 
-def _verbatim(value: str) -> str:
-    """value as a Hydra quoted string that reads back as value (backslashes doubled only before a quote)."""
-    return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
-
-
-def _quote_free_text(argv: list[str]) -> list[str]:
+def quote_args(argv: list[str]) -> list[str]:
     """Let `text=To be, or not` pass through Hydra's override grammar verbatim, and a regex `units.find=...`
     always (a pattern may start with a quote)."""
-    out = []
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if eq and key.lstrip("+") == "units.find":
-            a = f"{key}={_verbatim(value)}"
-        if eq and key.lstrip("+") == "text" and value[:1] not in ("'", '"'):
-            a = "text='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        out.append(a)
-    return out
+    return quote_free_text(argv, ("text",), verbatim=("units.find",))
 
 
 def _job(cfg: DictConfig) -> None:
@@ -295,7 +281,7 @@ def explain_run(cfg: DictConfig, built, results: dict, run_dir: Path) -> None:
 
 
 def main() -> None:
-    hydra_main("explain", _job, argv_hook=_quote_free_text, check=check)
+    hydra_main("explain", _job, argv_hook=quote_args, check=check)
 
 
 if __name__ == "__main__":

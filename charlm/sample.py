@@ -11,7 +11,7 @@ import sys
 import torch
 
 from charlm.checkpoint import load_model
-from charlm.cli import hydra_main
+from charlm.cli import hydra_main, quote_free_text
 from charlm.config import check_sections
 from charlm.errors import SampleArgError
 from charlm.generate import check_args, readable, samples
@@ -19,16 +19,9 @@ from charlm.models.contract import capabilities
 from charlm.schemas import SampleTop
 
 
-def _quote_free_text(argv: list[str]) -> list[str]:
+def quote_args(argv: list[str]) -> list[str]:
     """Let `prompt=To be, or not` and `infill=...` pass through Hydra's override grammar verbatim."""
-    out = []
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if eq and key.lstrip("+") in ("prompt", "infill") and value[:1] not in ("'", '"'):
-            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            a = f"{key}={value}"
-        out.append(a)
-    return out
+    return quote_free_text(argv, ("prompt", "infill"))
 
 
 def run(cfg) -> None:
@@ -79,7 +72,7 @@ def check(cfg) -> None:
 
 
 def main() -> None:
-    hydra_main("sample", run, argv_hook=_quote_free_text, check=check)
+    hydra_main("sample", run, argv_hook=quote_args, check=check)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from charlm.atomic import write_atomic, write_json
-from charlm.cli import CONF_DIR, compose_or_exit, error_line, report_user_errors, user_error_types
+from charlm.cli import CONF_DIR, compose_or_exit, dedupe, error_line, override_key, report_user_errors, user_error_types
 from charlm.errors import ConfigError
 from charlm.scoring.summary import _finish_wandb, markdown, write_summary
 from charlm.train import pick_trainer, run
@@ -55,13 +55,9 @@ class PruneOnVal(L.Callback):
             raise optuna.TrialPruned(f"pruned at step {trainer.global_step}: {self.monitor}={float(value):.4f}")
 
 
-def _key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
-
-
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """The sweep's own arguments (keys of conf/sweep.yaml), and the train overrides (everything else)."""
-    own = [a for a in argv if _key(a).split(".")[0] in SWEEP_KEYS]
+    own = [a for a in argv if override_key(a).split(".")[0] in SWEEP_KEYS]
     return own, [a for a in argv if a not in own]
 
 
@@ -99,12 +95,6 @@ def as_override(key: str, value) -> str:
     else:
         text = str(value) if re.fullmatch(r"[\w./-]+", str(value)) else json.dumps(str(value))
     return f"{key}={text}"
-
-
-def dedupe(overrides: list[str]) -> list[str]:
-    """Later overrides of the same key win (Hydra would reject the repeat)."""
-    last = {_key(o): o for o in overrides}
-    return [o for o in overrides if last[_key(o)] is o]
 
 
 def experiment_yaml(overrides: list[str], comment: str) -> str:
@@ -196,14 +186,14 @@ def search(cfg: DictConfig, name: str, train_args: list[str], sweep_dir: Path) -
     from hydra.utils import instantiate
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    exprs, pinned = dict(cfg.params), {_key(o): o for o in cfg.overrides}
+    exprs, pinned = dict(cfg.params), {override_key(o): o for o in cfg.overrides}
     for arg in train_args:  # a later argument for the same key wins: a value pins it, an expression searches it
         if _is_search(arg):
-            exprs[_key(arg)] = arg.split("=", 1)[1]
-            pinned.pop(_key(arg), None)
+            exprs[override_key(arg)] = arg.split("=", 1)[1]
+            pinned.pop(override_key(arg), None)
         else:
-            pinned[_key(arg)] = arg
-            exprs.pop(_key(arg), None)
+            pinned[override_key(arg)] = arg
+            exprs.pop(override_key(arg), None)
     fixed = list(pinned.values())
     space = {k: distribution(k, str(v)) for k, v in exprs.items()}
     if not space:

@@ -19,7 +19,7 @@ from charlm.checkpoint import save_model
 from charlm.cli import compose
 from charlm.data.vocab import CharVocab
 from charlm.errors import CharLMError
-from charlm.explain import _quote_free_text, check, explain
+from charlm.explain import check, explain, quote_args
 from charlm.models.contract import capabilities
 from charlm.models.rnn import RNNLM
 from charlm.scoring.units import correlations, target
@@ -156,7 +156,7 @@ def test_bad_units_on_the_command_line_are_one_line_exit_2(tmp_path):
 
 @pytest.mark.parametrize("regex", [r"\d+\s", r'"[^"]*"', "'a'", "x\\", "(?m)^[A-Z]+:$", "[a-z]{2,}"])
 def test_a_regex_reaches_the_config_verbatim(regex):
-    cfg = compose("explain", ["ckpt_path=x", *_quote_free_text([f"units.find={regex}"])])
+    cfg = compose("explain", ["ckpt_path=x", *quote_args([f"units.find={regex}"])])
     assert cfg.units.find == regex
 
 

@@ -69,7 +69,8 @@ def trainer_overrides(cfg) -> dict:
     b = cfg.get("budget") or {}
     if b.get("seconds") is None:
         return {}
-    evals = b.get("evals") or DEFAULT_EVALS  # the clock decides when to validate (BudgetClock); Lightning's time mode keeps
+    # the clock decides when to validate (BudgetClock); Lightning's time mode keeps
+    evals = b.get("evals") or DEFAULT_EVALS
     return {"max_time": timedelta(seconds=float(b.seconds)), "max_steps": -1,  # checkpoints for validation ends
             "val_check_interval": timedelta(seconds=float(b.seconds) / evals)}
 
@@ -82,7 +83,8 @@ def apply_tokens(trainer: L.Trainer, cfg) -> None:
                               trainer.accumulate_grad_batches)
         trainer.fit_loop.epoch_loop.max_steps = steps_for_tokens(b.tokens, per)
     if b.get("seconds") is None and (b.get("tokens") is not None or b.get("evals") is not None):
-        evals = b.get("evals") or DEFAULT_EVALS  # the steps are the clock's to pick (BudgetClock); Lightning's interval is moot
+        # the steps are the clock's to pick (BudgetClock); Lightning's interval is moot
+        evals = b.get("evals") or DEFAULT_EVALS
         trainer.val_check_interval = max(1, trainer.max_steps // evals)
 
 
