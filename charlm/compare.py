@@ -35,7 +35,7 @@ from charlm.cli import dedupe, override_key
 from charlm.config import check_sections
 from charlm.errors import ConfigError
 from charlm.schemas import BudgetConfig
-from charlm.scoring.leaderboard import _read, write_outputs
+from charlm.scoring.leaderboard import read_json, write_outputs
 from charlm.studies.compare_context import context_report, measure_context
 from charlm.studies.compare_dynamic import dynamic_report, dynamic_settings, measure_dynamic, pack_dynamic
 from charlm.train import check_config, pick_trainer, run
@@ -220,9 +220,9 @@ def train_entry(cfg: DictConfig, folder: Path, model: str, overrides: list[str],
         print(f"error: {folder.name}: {cli.error_line(e)}", file=sys.stderr)
         if not isinstance(e, cli.user_error_types()):
             traceback.print_exc()
-        from charlm.scoring.summary import _finish_wandb
+        from charlm.scoring.summary import finish_wandb
 
-        _finish_wandb()
+        finish_wandb()
         return False
 
 
@@ -234,7 +234,7 @@ def compare(cfg: DictConfig) -> None:
     recipes, models, seeds = selection(cfg)
     plans = {(m, s): plan_entry(cfg, recipes, m, s) for m in models for s in seeds}
     for (m, s), (overrides, _) in plans.items():
-        done = _read(out / f"{m}-{s}" / "compare.json")
+        done = read_json(out / f"{m}-{s}" / "compare.json")
         if (out / f"{m}-{s}" / "results.json").exists() and done != {"overrides": overrides}:
             raise ConfigError(f"{out / f'{m}-{s}'} was trained with other settings (its compare.json); "
                               "pick another hydra.run.dir or delete that folder")

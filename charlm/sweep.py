@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from charlm.atomic import write_atomic, write_json
 from charlm.cli import CONF_DIR, compose_or_exit, dedupe, error_line, override_key, report_user_errors, user_error_types
 from charlm.errors import ConfigError
-from charlm.scoring.summary import _finish_wandb, markdown, write_summary
+from charlm.scoring.summary import finish_wandb, markdown, write_summary
 from charlm.train import pick_trainer, run
 
 SWEEP_KEYS = set(OmegaConf.load(Path(CONF_DIR) / "sweep.yaml")) - {"defaults"} | {"hparams_search"}
@@ -168,7 +168,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, fixed: list[str], cfg: D
             traceback.print_exc()
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     finally:
-        _finish_wandb()
+        finish_wandb()
         trial_dir.mkdir(parents=True, exist_ok=True)
         write_json(trial_dir / "job.json", info)
         write_summary(sweep_dir)

@@ -42,7 +42,8 @@ ONE_SEED = "n/a (1 seed)"
 SPREAD_TOL = 1e-12  # an SE below this is float noise in bpc differences: no spread
 
 
-def _read(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A run's JSON file (results, curve, context ...), or {} when the run has not written it."""
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -92,7 +93,7 @@ def footnote(rows: list[dict], n_seeds: int) -> str:
 
 def run_row(out: Path, m: str, seeds: list[int]) -> dict:
     """One row per model from its runs' results.json, curve.json and context.json (mean over seeds)."""
-    runs = {s: {f: _read(out / f"{m}-{s}" / f"{f}.json") for f in ("results", "curve", "job", "context")}
+    runs = {s: {f: read_json(out / f"{m}-{s}" / f"{f}.json") for f in ("results", "curve", "job", "context")}
             for s in seeds}
     ok = {s: r for s, r in runs.items() if r["results"].get("best_val_bpc") is not None}
     res = [r["results"] for r in ok.values()]
@@ -263,7 +264,7 @@ def plot_curves(out: Path, models: list[str], seeds: list[int], x: str = "second
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, m in enumerate(models):
-        curves = [[p for p in _read(out / f"{m}-{s}" / "curve.json").get("points", []) if p["val_bpc"] is not None]
+        curves = [[p for p in read_json(out / f"{m}-{s}" / "curve.json").get("points", []) if p["val_bpc"] is not None]
                   for s in seeds]
         xs, mean, lo, hi = band([c for c in curves if c], x)
         style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}

@@ -136,7 +136,7 @@ class SweepSummary(Callback):
                 log.error(f"job {info['num']} failed", exc_info=exc)
             if self.keep_going:  # the basic sweeper would re-raise it and stop the sweep
                 job_return.status, job_return.return_value = JobStatus.COMPLETED, None
-            _finish_wandb()
+            finish_wandb()
         write_json(job_dir / "job.json", info)
         write_summary(config.hydra.sweep.dir)
 
@@ -154,7 +154,7 @@ class SweepSummary(Callback):
             sys.exit(1)
 
 
-def _finish_wandb() -> None:
+def finish_wandb() -> None:
     """Close a W&B run a failed job left open, so the next job does not log into it."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:

@@ -5,7 +5,6 @@ curves against the published claims (charlm.studies.context). The leaderboard's 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -17,10 +16,7 @@ from omegaconf import DictConfig
 from charlm import cli
 from charlm.atomic import write_json
 from charlm.scoring.context_verdicts import verdicts
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+from charlm.scoring.leaderboard import read_json
 
 
 def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool:
@@ -34,7 +30,7 @@ def measure_context(folder: Path, train_cfg: DictConfig, positions: int) -> bool
     from charlm.checkpoint import load_model
     from charlm.training.build import build_data
 
-    results = _read(folder / "results.json")
+    results = read_json(folder / "results.json")
     best = folder / "checkpoints" / Path(results.get("best_ckpt") or "last.ckpt").name  # the folder may have moved
     try:
         model, vocab, _ = load_model(best)
@@ -74,7 +70,7 @@ def context_report(out: Path, models: list[str], seeds: list[int]) -> bool:
     curves, per_word = {}, None
     for m in models:
         for s in seeds:
-            c = _read(out / f"{m}-{s}" / "context.json")
+            c = read_json(out / f"{m}-{s}" / "context.json")
             if (v := verdicts(c)) is None:
                 continue
             curves[m] = v

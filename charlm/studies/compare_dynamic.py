@@ -21,7 +21,7 @@ from charlm.atomic import write_atomic, write_json
 from charlm.config import check_keys
 from charlm.errors import ConfigError
 from charlm.scoring.dynamic import DynamicConfig, check_dynamic, evaluate_dynamic
-from charlm.scoring.leaderboard import _read, paired_difference
+from charlm.scoring.leaderboard import paired_difference, read_json
 from charlm.scoring.significance import LEVEL, holm
 
 COLUMNS = ["model", "static_bpc", "dynamic_bpc", "gain", "gain_se", "gain_low", "gain_high", "gain_p_holm",
@@ -54,10 +54,10 @@ def measure_dynamic(folder: Path, train_cfg: DictConfig, args: list[str]) -> boo
     from charlm.checkpoint import load_model
     from charlm.training.build import build_data
 
-    if _read(folder / "dynamic.json").get("args") == list(args):
+    if read_json(folder / "dynamic.json").get("args") == list(args):
         return True
     d = dynamic_settings(args)
-    best = folder / "checkpoints" / Path(_read(folder / "results.json").get("best_ckpt") or "last.ckpt").name
+    best = folder / "checkpoints" / Path(read_json(folder / "results.json").get("best_ckpt") or "last.ckpt").name
     try:
         model, vocab, _ = load_model(best)
         splits = build_data(train_cfg, vocab).splits
@@ -83,7 +83,7 @@ def dynamic_rows(out: Path, models: list[str], seeds: list[int]) -> list[dict]:
     95% interval, and * where the gain survives Holm's correction across the models."""
     rows = []
     for m in models:
-        runs = {s: _read(out / f"{m}-{s}" / "dynamic.json") for s in seeds}
+        runs = {s: read_json(out / f"{m}-{s}" / "dynamic.json") for s in seeds}
         runs = {s: r for s, r in runs.items() if r.get("dynamic_bpc") is not None}
         static = {s: r["static_bpc"] for s, r in runs.items()}
         dynamic = {s: r["dynamic_bpc"] for s, r in runs.items()}

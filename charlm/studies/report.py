@@ -26,11 +26,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from charlm.atomic import write_atomic, write_json
-from charlm.cli import CONF_DIR, hydra_main
+from charlm.cli import CONF_DIR, compose, hydra_main
 from charlm.config import check_sections
 from charlm.errors import ConfigError, DivergenceError
 from charlm.schemas import ReportTop
-from charlm.studies.quickfit import _compose, fit
+from charlm.studies.quickfit import fit
 from charlm.studies.span_report import markdown
 from charlm.studies.span_study import available, finite, memory_span_study
 
@@ -87,7 +87,7 @@ def clipping_study(cfg: DictConfig, preset: DictConfig, out: Path) -> dict:
             fit(overrides, {}, cfg.device, [rec], cfg.seed)
         except DivergenceError as e:  # the message names the step; the loss or gradient was NaN/inf
             error = "diverged at step " + (re.findall(r"step (\d+)", str(e)) or ["?"])[0]
-        clip_value = float(_compose([f"experiment={name}"]).clip.value)
+        clip_value = float(compose("train", [f"experiment={name}"]).clip.value)
         runs[name] = {"loss": rec.loss, "grad_norm": rec.grad_norm, "clip": clip_value, "diverged": error}
         print(f"report: {name}: {len(rec.loss)} steps, loss {rec.loss[0]:.2f} -> {rec.loss[-1]:.3g}"
               + (f" ({error})" if error else ""))
