@@ -255,7 +255,7 @@ def test_the_default_traces_and_holds_what_the_output_layer_reads():
 def test_study_finds_the_quote_unit_and_says_what_the_text_lacks():
     from charlm.studies.units import markdown, study_model
 
-    m = study_model(quote_gru(), QVOCAB, QUOTED, ["quote", "caps"], "mean", 64, "cpu")
+    m = study_model(quote_gru(), QVOCAB, QUOTED, ["quote", "caps"], "mean", 64, "auto")
     quote, caps = m["patterns"]["quote"], m["patterns"]["caps"]
     assert (quote["layer"], quote["unit"]) == ("layer0/h", 3) and quote["r"] > 0.99 and m["units"] == H
     assert quote["bpc"] > quote["bpc_base"] + 0.3                          # held at its mean, case is lost

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from charlm.atomic import atomic_path, write_json
 from charlm.errors import ConfigError
-from charlm.explain import trace
+from charlm.explain import pick_device, trace
 from charlm.models.contract import capabilities
 from charlm.scoring.units import activations, hold_values, layers_of, target, top_units
 
@@ -40,6 +40,7 @@ def study_model(model: torch.nn.Module, vocab, text: str, patterns: list[str], t
     """For each pattern: the best unit of the hidden state h ({layer, unit, r, bpc, bpc_base, values, start}),
     or {absent: why} when the text never shows the pattern."""
     ids = torch.as_tensor(vocab.encode_array(text).astype(np.int64))
+    device = pick_device(device)  # the report's device: auto | cpu | cuda
     model = model.to(device).eval()
     base = trace(model, vocab, text, "base", chunk, device=device, gates=False).losses
     acts = activations(model, ids, chunk, device)
