@@ -23,6 +23,7 @@ def test_an_old_path_is_the_moved_module(old, new):
 
 def test_old_from_imports_and_targets_resolve():
     from charlm.callbacks import BestCheckpoint
+
     from charlm.data import CharDataModule
     from charlm.training.callbacks import BestCheckpoint as New
 
