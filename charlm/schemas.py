@@ -89,7 +89,7 @@ class TrainTop:
     gradflow_every: Optional[int] = None
     gates_every: Optional[int] = None
     divergence_factor: Optional[float] = 10.0
-    state_reset: float = 0.05
+    state_reset: float = 0.0
     compile: bool = False
 
 

@@ -106,7 +106,7 @@ def build_module(cfg: DictConfig, vocab: CharVocab, sampling: str, model_name: s
         carry_state=sampling == "stream",
         sample=plain(cfg.sample),
         divergence_factor=cfg.divergence_factor,
-        state_reset=cfg.get("state_reset", 0.05),
+        state_reset=cfg.get("state_reset", 0.0),
     )
     if cfg.get("compile"):
         module.model = torch.compile(module.model)
