@@ -14,7 +14,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from charlm.models import native
-from charlm.models.units import Hold, Site, hold_sites, site_trace
+from charlm.models.units import Hold, Site, evaluating, hold_sites, site_trace
 
 
 class CausalConv(nn.Module):
@@ -123,14 +123,9 @@ class ScanLM(nn.Module):
     def gate_trace(self, idx: torch.Tensor, state=None):
         """The contract's per-position hook: ({"layer{i}/retain": (B, T) opening}, the carried state),
         in eval mode, then every module's mode put back."""
-        modes = [(m, m.training) for m in self.modules()]
         probe: list[torch.Tensor] = []
-        try:
-            self.eval()
+        with evaluating(self):
             _, state = self._run(idx, state, probe)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         return {f"layer{i}/retain": p.float() for i, p in enumerate(probe)}, state
 
     def unit_sites(self) -> dict[str, Site]:

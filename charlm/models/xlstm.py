@@ -23,7 +23,7 @@ from torch import nn
 from charlm.models.layers import ScanLM, check_dropout, check_positive
 from charlm.models.mlstm import MLSTMBlock, MLSTMLayer
 from charlm.models.slstm import SLSTMBlock, SLSTMLayer
-from charlm.models.units import Site
+from charlm.models.units import Site, evaluating
 
 
 def block_pattern(ratio: str, num_layers: int) -> str:
@@ -92,14 +92,9 @@ class XLSTMLM(ScanLM):
     def gate_trace(self, idx: torch.Tensor, state=None):
         """The contract's per-position hook: ({"layer{i}/forget", "layer{i}/input": (B, T)}, the carried
         state), in eval mode, then every module's mode put back."""
-        modes = [(m, m.training) for m in self.modules()]
         probe: list[tuple[torch.Tensor, torch.Tensor]] = []
-        try:
-            self.eval()
+        with evaluating(self):
             _, state = self._run(idx, state, probe)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         out = {}
         for i, (forget, write) in enumerate(probe):
             out[f"layer{i}/forget"], out[f"layer{i}/input"] = forget.float(), write.float()
